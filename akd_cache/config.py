@@ -1,0 +1,131 @@
+"""Typed configuration, loaded from `params.yaml` and validated at load.
+
+`params.yaml` holds `profile` (the active one) and `profiles` (one block per profile), so
+`dvc exp run -S profile=paper` switches everything at once. Unknown keys and bad values
+are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"]
+TruncationPolicy = Literal["truncate_response", "drop"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    """Where the instruction data comes from and how it is split."""
+
+    dataset: str = Field(description="hub id, or a local .json / .jsonl path")
+    hub_split: str = "train"
+    schema_: Literal["codealpaca", "magicoder", "custom"] = Field("codealpaca", alias="schema")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="for schema 'custom': instruction/input/output -> the dataset's column names",
+    )
+    heldout: int = Field(100, ge=0, description="samples held out from training, seeded")
+    seed: int = 0
+    max_train_samples: int | None = Field(None, gt=0, description="a subset, for demos")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _custom_needs_columns(self) -> DataConfig:
+        if self.schema_ == "custom" and not {"instruction", "output"} <= set(self.columns):
+            raise ValueError("data.columns must map at least 'instruction' and 'output'")
+        return self
+
+
+class ModelRef(Strict):
+    """A model by hub id or local path; `embedded:smollm2` is the SmolLM2 teacher from PyPI."""
+
+    model: str
+    revision: str | None = None
+
+
+class StudentInit(Strict):
+    """A hub id or path; with `keep_teacher_layers` the `models` stage builds it at `model` from
+    the teacher by keeping that many evenly spaced layers (the demo student)."""
+
+    model: str
+    keep_teacher_layers: int | None = Field(None, gt=0)
+
+
+class TeacherConfig(ModelRef):
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (hf backend)")
+    vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
+
+
+class CacheConfig(Strict):
+    k: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8)
+    truncation: TruncationPolicy = "truncate_response"
+    template: TemplateName = "alpaca"
+    shard_tokens: int = Field(65536, ge=1024)
+    root: str = "storage/teacher-cache"
+
+
+class Profile(Strict):
+    data: DataConfig
+    teacher: TeacherConfig
+    student: StudentInit
+    cache: CacheConfig = CacheConfig()
+
+
+class Params(Strict):
+    profile: str
+    profiles: dict[str, Profile]
+
+    @field_validator("profiles")
+    @classmethod
+    def _non_empty(cls, v: dict[str, Profile]) -> dict[str, Profile]:
+        if not v:
+            raise ValueError("at least one profile is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _profile_exists(self) -> Params:
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+        return self
+
+    @property
+    def active(self) -> Profile:
+        return self.profiles[self.profile]
+
+
+class ConfigError(ValueError):
+    """A params file that does not validate; the message names the file and each bad key."""
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such params file") from err
+    if profile is not None:
+        raw["profile"] = profile
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def load_profile(path: str | Path = "params.yaml", profile: str | None = None) -> Profile:
+    return load_params(path, profile).active

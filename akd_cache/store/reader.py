@@ -1,0 +1,155 @@
+"""Read a teacher cache: random access by sample, and a torch Dataset + collate for Stage 2.
+
+The reader refuses an incomplete cache unless told otherwise, and refuses a student whose
+tokenizer differs from the teacher's: top-k ids from another vocabulary would train silently
+on the wrong tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from akd_cache.data.tokenize import tokenizer_fingerprint
+from akd_cache.store import format as fmt
+from akd_cache.store.writer import ATTRS
+
+
+class CacheError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    sample_id: str
+    input_ids: np.ndarray  # [L] int64
+    prompt_len: int
+    topk_ids: np.ndarray  # [L - P, k] int64, ascending in the renumbered vocabulary
+    topk_logprobs: np.ndarray  # [L - P, k] float32
+    tail_logmass: np.ndarray  # [L - P] float32
+    target_logprob: np.ndarray  # [L - P] float32
+
+
+class TeacherCache:
+    def __init__(self, location: str, allow_incomplete: bool = False) -> None:
+        try:
+            self.group = fmt.open_cache_group(location, mode="r")
+        except FileNotFoundError:
+            raise CacheError(f"{location}: no teacher cache there") from None
+        meta = self.group.attrs.get(ATTRS)
+        if meta is None:
+            raise CacheError(f"{location}: not an akd-cache teacher cache (no '{ATTRS}' attrs)")
+        if not meta["complete"] and not allow_incomplete:
+            done = int(self.group["shard_done"][:].sum())
+            raise CacheError(
+                f"{location}: incomplete cache ({done} of {meta['n_shards']} shards); resume "
+                "the cache stage, or pass allow_incomplete=True"
+            )
+        self.location = location
+        self.meta = meta
+        samples = self.group["samples"]
+        self._tables = {name: samples[name][:] for name in
+                        ("row_start", "n_rows", "seq_start", "seq_len", "prompt_len")}
+        self.sample_ids = samples["sample_id"][:]
+        vocab_rank = self.group["vocab_rank"][:].astype(np.int64)
+        self._vocab_order = np.empty_like(vocab_rank)
+        self._vocab_order[vocab_rank] = np.arange(len(vocab_rank))
+        self._arrays = {name: self.group[f"rows/{name}"] for name in
+                        ("ids", "codes", "tail_logmass", "target_logprob")}
+        self._tokens = self.group["tokens"]
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def k(self) -> int:
+        return self.meta["k"]
+
+    @property
+    def ingredients(self) -> dict:
+        return self.meta["ingredients"]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def check_student(
+        self, tokenizer: PreTrainedTokenizerBase, expected_key: str | None = None
+    ) -> None:
+        """Raise unless the student shares the teacher's tokenizer (and the key, if given)."""
+        if expected_key is not None and expected_key != self.key:
+            raise CacheError(
+                f"{self.location}: cache key {self.key} differs from the expected {expected_key}"
+            )
+        theirs = self.ingredients["tokenizer_sha256"]
+        ours = tokenizer_fingerprint(tokenizer)
+        if ours != theirs:
+            raise CacheError(
+                f"{self.location}: the student's tokenizer ({tokenizer.name_or_path}, sha256 "
+                f"{ours[:12]}) differs from the teacher's (sha256 {theirs[:12]}); a cache can "
+                "only train a student with the teacher's vocabulary"
+            )
+
+    def __getitem__(self, index: int) -> CachedSample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} is outside [0, {len(self)})")
+        t = {name: int(values[index]) for name, values in self._tables.items()}
+        rows = slice(t["row_start"], t["row_start"] + t["n_rows"])
+        tail = self._arrays["tail_logmass"][rows]
+        return CachedSample(
+            sample_id=str(self.sample_ids[index]),
+            input_ids=self._tokens[t["seq_start"] : t["seq_start"] + t["seq_len"]].astype(
+                np.int64
+            ),
+            prompt_len=t["prompt_len"],
+            topk_ids=fmt.decode_ids(self._arrays["ids"][rows], self._vocab_order),
+            topk_logprobs=fmt.decode_logprobs(self._arrays["codes"][rows], tail),
+            tail_logmass=tail,
+            target_logprob=self._arrays["target_logprob"][rows],
+        )
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Samples of a cache as tensors; use `collate` to batch them."""
+
+    def __init__(self, cache: TeacherCache) -> None:
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> CachedSample:
+        return self.cache[index]
+
+
+def collate(samples: list[CachedSample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch; the cached rows sit at the positions that predict the next token.
+
+    `loss_mask[b, j]` is true where position j predicts a response token or the EOS, and the
+    top-k tensors hold that position's teacher row, so `x[loss_mask]` lines up across all of them.
+    """
+    width = max(len(s.input_ids) for s in samples)
+    k = samples[0].topk_ids.shape[1]
+    batch = len(samples)
+    out = {
+        "input_ids": torch.full((batch, width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(batch, width, dtype=torch.long),
+        "loss_mask": torch.zeros(batch, width, dtype=torch.bool),
+        "labels": torch.zeros(batch, width, dtype=torch.long),
+        "topk_ids": torch.zeros(batch, width, k, dtype=torch.long),
+        "topk_logprobs": torch.zeros(batch, width, k, dtype=torch.float32),
+        "tail_logmass": torch.zeros(batch, width, dtype=torch.float32),
+    }
+    for b, s in enumerate(samples):
+        length, rows = len(s.input_ids), slice(s.prompt_len - 1, len(s.input_ids) - 1)
+        out["input_ids"][b, :length] = torch.from_numpy(s.input_ids)
+        out["attention_mask"][b, :length] = 1
+        out["loss_mask"][b, rows] = True
+        out["labels"][b, rows] = torch.from_numpy(s.input_ids[s.prompt_len :])
+        out["topk_ids"][b, rows] = torch.from_numpy(s.topk_ids)
+        out["topk_logprobs"][b, rows] = torch.from_numpy(s.topk_logprobs)
+        out["tail_logmass"][b, rows] = torch.from_numpy(s.tail_logmass)
+    return out

@@ -1,0 +1,223 @@
+"""Fill a teacher cache shard by shard: resumable, shardable across workers, locked.
+
+Every sample's loss rows go to exactly one shard, planned up front from the tokenised lengths,
+so shards hold whole samples and any worker can compute any shard alone. A shard is written with
+one call per array (zarr's sharding loses concurrent partial writes into one shard, and here
+there are none), then its `shard_done` flag is set. A re-run skips done shards and recomputes
+the rest from the same samples in the same batches, so the result equals an uninterrupted run.
+The group's `complete` flag is written last, by `finalize`, once every shard is done.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from akd_cache import __version__
+from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.store import format as fmt
+from akd_cache.store.key import CacheIngredients
+from akd_cache.store.lock import WriterLock
+from akd_cache.store.stats import cache_stats
+from akd_cache.teacher.rows import TeacherBackend, TeacherRows
+
+ATTRS = "akd_cache"
+SCORE_BATCH_SAMPLES = 64
+INIT_WAIT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    row_start: np.ndarray  # [S] int64, padded row axis
+    shard_of: np.ndarray  # [S] int64
+    shard_rows: int
+    n_shards: int
+
+    @property
+    def n_rows_padded(self) -> int:
+        return self.n_shards * self.shard_rows
+
+    def samples_in(self, shard: int) -> np.ndarray:
+        return np.flatnonzero(self.shard_of == shard)
+
+
+def plan_shards(n_rows: Sequence[int], shard_rows: int) -> ShardPlan:
+    """Greedy in sample order: a sample that does not fit the current shard opens the next."""
+    row_start = np.zeros(len(n_rows), dtype=np.int64)
+    shard_of = np.zeros(len(n_rows), dtype=np.int64)
+    shard, used = 0, 0
+    for i, n in enumerate(n_rows):
+        if n > shard_rows:
+            raise ValueError(f"sample {i} has {n} loss rows, more than shard_rows={shard_rows}")
+        if used + n > shard_rows:
+            shard, used = shard + 1, 0
+        row_start[i], shard_of[i] = shard * shard_rows + used, shard
+        used += n
+    return ShardPlan(row_start, shard_of, shard_rows, shard + 1 if n_rows else 0)
+
+
+class IncompatibleCacheError(ValueError):
+    pass
+
+
+def calibration_samples(samples: Sequence[TokenizedSample]) -> list[TokenizedSample]:
+    """The first samples, up to `CALIBRATION_ROWS` loss rows (at least one sample)."""
+    rows = np.cumsum([s.n_loss_rows for s in samples])
+    return list(samples[: max(1, int(np.searchsorted(rows, fmt.CALIBRATION_ROWS)))])
+
+
+def open_or_init(
+    location: str,
+    samples: Sequence[TokenizedSample],
+    ingredients: CacheIngredients,
+    vocab_size: int,
+    shard_rows: int,
+    teacher: Callable[[], TeacherBackend],
+) -> tuple[zarr.Group, ShardPlan]:
+    """Open the cache at `location`, creating its layout and sample tables if it is new.
+
+    Only a new cache calls `teacher`, to calibrate the vocabulary renumbering.
+    """
+    plan = plan_shards([s.n_loss_rows for s in samples], shard_rows)
+    group = fmt.open_cache_group(location, mode="a")
+    meta = group.attrs.get(ATTRS)
+    if meta is not None:
+        if meta["key"] != ingredients.key():
+            raise IncompatibleCacheError(
+                f"{location}: holds cache {meta['key']}, not {ingredients.key()}; "
+                "a cache location is tied to its key"
+            )
+        return group, plan
+    tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])
+    if tokens.size and tokens.max() >= vocab_size:
+        raise ValueError(f"token id {tokens.max()} is outside the vocabulary of {vocab_size}")
+    fmt.create_layout(
+        group, n_rows_padded=plan.n_rows_padded, shard_rows=shard_rows, n_shards=plan.n_shards,
+        k=ingredients.k, vocab_size=vocab_size, n_tokens=len(tokens),
+    )
+    group["tokens"][:] = tokens.astype(fmt.id_dtype(vocab_size))
+    seq_len = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    tables = {
+        "row_start": plan.row_start,
+        "n_rows": np.array([s.n_loss_rows for s in samples], dtype=np.int64),
+        "seq_start": np.concatenate([[0], np.cumsum(seq_len)[:-1]]).astype(np.int64),
+        "seq_len": seq_len,
+        "prompt_len": np.array([s.prompt_len for s in samples], dtype=np.int64),
+    }
+    sample_group = group.create_group("samples", overwrite=True)
+    for name, values in tables.items():
+        sample_group.create_array(name, data=values, overwrite=True)
+    ids = sample_group.create_array("sample_id", shape=(len(samples),), dtype=str, overwrite=True)
+    ids[:] = np.array([s.sample_id for s in samples], dtype=object)
+    calibration = teacher().score(calibration_samples(samples))
+    calibration_ids = np.concatenate([r.topk_ids for r in calibration])
+    group.create_array(
+        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), overwrite=True
+    )
+    group.attrs[ATTRS] = {
+        "key": ingredients.key(),
+        "ingredients": ingredients.to_dict(),
+        "tool_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "n_samples": len(samples),
+        "n_rows": int(tables["n_rows"].sum()),
+        "n_tokens": len(tokens),
+        "k": ingredients.k,
+        "vocab_size": vocab_size,
+        "shard_rows": shard_rows,
+        "n_shards": plan.n_shards,
+        "complete": False,
+    }
+    return group, plan
+
+
+def write_shard(
+    group: zarr.Group, plan: ShardPlan, shard: int, rows: Sequence[TeacherRows]
+) -> None:
+    vocab_rank = group["vocab_rank"][:]
+    k = group.attrs[ATTRS]["k"]
+    ids = np.zeros((plan.shard_rows, k), dtype=vocab_rank.dtype)
+    codes = np.zeros((plan.shard_rows, k), dtype=np.uint8)
+    tail = np.zeros(plan.shard_rows, dtype=np.float32)
+    target = np.zeros(plan.shard_rows, dtype=np.float32)
+    base = shard * plan.shard_rows
+    for sample, r in zip(plan.samples_in(shard), rows):
+        enc = fmt.encode_rows(r.topk_ids, r.topk_logprobs, r.tail_logmass, r.target_logprob,
+                              vocab_rank)
+        lo = plan.row_start[sample] - base
+        hi = lo + len(r)
+        ids[lo:hi], codes[lo:hi], tail[lo:hi], target[lo:hi] = (
+            enc.ids, enc.codes, enc.tail_logmass, enc.target_logprob
+        )
+    window = slice(base, base + plan.shard_rows)
+    group["rows/ids"][window] = ids
+    group["rows/codes"][window] = codes
+    group["rows/tail_logmass"][window] = tail
+    group["rows/target_logprob"][window] = target
+    group["shard_done"][shard] = 1
+
+
+def worker_shards(n_shards: int, worker_index: int, num_workers: int) -> list[int]:
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"--worker-index {worker_index} is not in [0, {num_workers})")
+    return list(range(worker_index, n_shards, num_workers))
+
+
+def fill(
+    location: str,
+    samples: Sequence[TokenizedSample],
+    ingredients: CacheIngredients,
+    vocab_size: int,
+    backend: Callable[[], TeacherBackend],
+    shard_rows: int,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    break_lock: bool = False,
+) -> bool:
+    """Compute this worker's missing shards; finalize when every shard is done. True if complete.
+
+    `backend` is a factory, called at most once, so a cache that is already full never loads the
+    teacher. Workers starting together wait for whichever of them initialises the cache.
+    """
+    teacher = functools.cache(backend)
+    lock_name = f"worker-{worker_index}-of-{num_workers}"
+    with WriterLock(location, lock_name, break_lock):
+        with WriterLock(location, "init", break_lock, wait_s=INIT_WAIT_S):
+            group, plan = open_or_init(
+                location, samples, ingredients, vocab_size, shard_rows, teacher
+            )
+        if group.attrs[ATTRS]["complete"]:
+            return True
+        done = group["shard_done"][:]
+        todo = [s for s in worker_shards(plan.n_shards, worker_index, num_workers) if not done[s]]
+        if todo:
+            total = sum(samples[i].n_loss_rows for s in todo for i in plan.samples_in(s))
+            with tqdm(total=total, unit="tok", desc=f"teacher cache {lock_name}") as bar:
+                for shard in todo:
+                    members = [samples[i] for i in plan.samples_in(shard)]
+                    rows: list[TeacherRows] = []
+                    for start in range(0, len(members), SCORE_BATCH_SAMPLES):
+                        batch = members[start : start + SCORE_BATCH_SAMPLES]
+                        rows.extend(teacher().score(batch))
+                        bar.update(sum(s.n_loss_rows for s in batch))
+                    write_shard(group, plan, shard, rows)
+        return finalize(group, location)
+
+
+def finalize(group: zarr.Group, location: str) -> bool:
+    """Mark the cache complete once every shard is done; the stats go in with the marker."""
+    meta = dict(group.attrs[ATTRS])
+    if meta["complete"]:
+        return True
+    if not group["shard_done"][:].all():
+        return False
+    meta["stats"] = cache_stats(group, location)
+    meta["complete"] = True
+    group.attrs[ATTRS] = meta
+    return True

@@ -1,0 +1,99 @@
+"""Stage 1 as library calls: tokenise the training split, name the cache, fill it.
+
+The cache location is `<root>/<key>`, the key a hash of every ingredient, so the same teacher,
+data, template and settings always land in (and reuse) the same folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
+from akd_cache.data.instructions import BadRow, DroppedRow, Example
+from akd_cache.data.tokenize import TokenizedSample, tokenize_example, tokenizer_fingerprint
+from akd_cache.store.key import CacheIngredients, samples_sha256, weights_sha256
+from akd_cache.teacher.rows import TeacherBackend
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    samples: list[TokenizedSample]
+    dropped: list[DroppedRow]
+
+
+def tokenize_split(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cache: CacheConfig
+) -> TokenizedSplit:
+    samples, dropped = [], []
+    for example in examples:
+        try:
+            samples.append(
+                tokenize_example(tokenizer, example, cache.template, cache.max_length,
+                                 cache.truncation)
+            )
+        except BadRow as err:
+            dropped.append(DroppedRow(example.sample_id, "tokenize", str(err)))
+    return TokenizedSplit(samples, dropped)
+
+
+def make_ingredients(
+    *,
+    teacher: TeacherConfig,
+    teacher_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataConfig,
+    dataset_sha256: str,
+    samples: Sequence[TokenizedSample],
+    cache: CacheConfig,
+) -> CacheIngredients:
+    return CacheIngredients(
+        teacher=teacher.model,
+        teacher_revision=teacher.revision,
+        teacher_weights_sha256=weights_sha256(teacher_path),
+        teacher_dtype=teacher.dtype,
+        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+        dataset_sha256=dataset_sha256,
+        samples_sha256=samples_sha256(list(samples)),
+        split="train",
+        heldout=data.heldout,
+        split_seed=data.seed,
+        max_train_samples=data.max_train_samples,
+        template=cache.template,
+        max_length=cache.max_length,
+        truncation=cache.truncation,
+        k=cache.k,
+        temperature=cache.temperature,
+    )
+
+
+def backend_factory(
+    teacher: TeacherConfig, teacher_path: str, cache: CacheConfig
+) -> Callable[[], TeacherBackend]:
+    def make() -> TeacherBackend:
+        if teacher.backend == "vllm":
+            from akd_cache.teacher.vllm_backend import VLLMTeacher
+
+            return VLLMTeacher(
+                teacher_path, k=cache.k, temperature=cache.temperature, dtype=teacher.dtype,
+                memory_utilization=teacher.vllm_memory_utilization, revision=teacher.revision,
+                max_model_len=cache.max_length,
+            )
+        from akd_cache.teacher.hf_backend import HFTeacher
+
+        return HFTeacher(
+            teacher_path, k=cache.k, temperature=cache.temperature, dtype=teacher.dtype,
+            device=teacher.device, batch_tokens=teacher.batch_tokens, revision=teacher.revision,
+        )
+
+    return make
+
+
+def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
+def cache_location(root: str, key: str) -> str:
+    return f"{root.rstrip('/')}/{key}"

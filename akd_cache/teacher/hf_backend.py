@@ -1,0 +1,123 @@
+"""The transformers teacher backend: one forward pass per length-bucketed batch, then the lm head
+applied to the loss rows only, a chunk of rows at a time.
+
+Only the hidden states of the loss rows go through the lm head, and never more than
+`LOGIT_CHUNK_BYTES` of float32 logits exist at once, so [batch, seq, vocab] is never held. The
+tail mass is a logsumexp over the logits outside the top-k, which keeps full precision even when
+the tail is far below float32's resolution near 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.teacher.rows import TeacherRows
+
+LOGIT_CHUNK_BYTES = 256 * 2**20
+FLOAT32_BYTES = 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def length_buckets(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length so that batch size x longest length <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class HFTeacher:
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        k: int,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_tokens: int = 4096,
+        revision: str | None = None,
+    ) -> None:
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(
+                model, revision=revision, dtype=DTYPES[dtype]
+            )
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ValueError(
+                f"{model.config.name_or_path}: final logit soft-capping is not supported by the "
+                "hf teacher backend"
+            )
+        self.model = model.to(device).eval()
+        self.device = device
+        self.k = k
+        self.logit_scale = getattr(model.config, "logit_scale", None) or 1.0
+        self.temperature = temperature
+        self.batch_tokens = batch_tokens
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.rows_per_chunk = max(1, LOGIT_CHUNK_BYTES // (self.vocab_size * FLOAT32_BYTES))
+
+    @torch.inference_mode()
+    def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
+        results: list[TeacherRows | None] = [None] * len(samples)
+        lengths = [len(s.input_ids) for s in samples]
+        for batch in length_buckets(lengths, self.batch_tokens):
+            for index, rows in zip(batch, self._score_batch([samples[i] for i in batch])):
+                results[index] = rows
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, samples: list[TokenizedSample]) -> list[TeacherRows]:
+        width = max(len(s.input_ids) for s in samples)
+        ids = torch.zeros(len(samples), width, dtype=torch.long)
+        mask = torch.zeros(len(samples), width, dtype=torch.long)
+        for b, s in enumerate(samples):
+            ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
+            mask[b, : len(s.input_ids)] = 1
+        hidden = self.model.base_model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state
+        row_hidden = torch.cat(
+            [hidden[b, s.prompt_len - 1 : len(s.input_ids) - 1] for b, s in enumerate(samples)]
+        )
+        targets = torch.cat(
+            [torch.tensor(s.input_ids[s.prompt_len :]) for s in samples]
+        ).to(self.device)
+        topk_ids, topk_lp, tail, target_lp = self._lm_head_topk(row_hidden, targets)
+        out, start = [], 0
+        for s in samples:
+            end = start + s.n_loss_rows
+            out.append(
+                TeacherRows(topk_ids[start:end], topk_lp[start:end], tail[start:end],
+                            target_lp[start:end])
+            )
+            start = end
+        return out
+
+    def _lm_head_topk(
+        self, row_hidden: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        head = self.model.get_output_embeddings()
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        for start in range(0, len(row_hidden), self.rows_per_chunk):
+            h = row_hidden[start : start + self.rows_per_chunk]
+            logits = head(h).float() * (self.logit_scale / self.temperature)
+            log_norm = logits.logsumexp(-1)
+            values, ids = logits.topk(self.k, dim=-1)
+            tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_norm
+            target = logits.gather(-1, targets[start : start + len(h), None]).squeeze(-1)
+            for part, value in zip(
+                parts, (ids, values - log_norm[:, None], tail, target - log_norm)
+            ):
+                part.append(value.cpu())
+        ids, lp, tail, target = (torch.cat(p) for p in parts)
+        return ids.numpy(), lp.numpy(), tail.numpy(), target.numpy()

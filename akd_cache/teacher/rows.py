@@ -1,0 +1,46 @@
+"""What a teacher backend produces for one sample, and the one helper both backends share.
+
+For a sample of length L with prompt length P there are L - P rows; row r describes position
+P - 1 + r, the one that predicts token P + r (a response token, or the final EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from akd_cache.data.tokenize import TokenizedSample
+
+
+@dataclass(frozen=True)
+class TeacherRows:
+    topk_ids: np.ndarray  # [n, k] int64, descending probability
+    topk_logprobs: np.ndarray  # [n, k] float32, normalised over the full vocabulary
+    tail_logmass: np.ndarray  # [n] float32, log(1 - sum of the top-k probabilities)
+    target_logprob: np.ndarray  # [n] float32, log-probability of the actual next token
+
+    def __len__(self) -> int:
+        return len(self.tail_logmass)
+
+
+class TeacherBackend(Protocol):
+    """Scores token sequences; the batch order in and out is the same."""
+
+    def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]: ...
+
+
+def tail_from_topk(topk_logprobs: np.ndarray) -> np.ndarray:
+    """log(1 - sum exp(lp)) in float64, via log(-expm1(logsumexp)) so a tiny tail keeps digits.
+
+    Used where only the top-k log-probs are known (vLLM). A top-k that already holds all the mass
+    (to rounding) gives -inf: an empty tail.
+    """
+    lp = topk_logprobs.astype(np.float64)
+    peak = lp.max(axis=-1, keepdims=True)
+    log_topk_mass = np.squeeze(peak, -1) + np.log(np.exp(lp - peak).sum(axis=-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.log(-np.expm1(np.minimum(log_topk_mass, 0.0)))
+    return tail.astype(np.float32)

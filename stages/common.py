@@ -1,0 +1,31 @@
+"""What every stage shares: where its inputs and outputs live, and how it reads its params."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from akd_cache.config import Profile, load_params
+
+PREPARED_DIR = Path("data/prepared")
+RUNS_DIR = Path("runs")
+TEACHER_CACHE_POINTER = RUNS_DIR / "teacher_cache.json"
+
+
+def stage_args(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None, help="override params.yaml's `profile`")
+    return parser
+
+
+def load_stage_profile(args: argparse.Namespace) -> Profile:
+    return load_params(args.params, args.profile).active
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

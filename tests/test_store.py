@@ -1,0 +1,335 @@
+"""The store: round trip, resume after a crash and after kill -9, sharded workers, locks, keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers import AutoTokenizer
+
+from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
+from akd_cache.data.instructions import Example
+from akd_cache.store import format as fmt
+from akd_cache.store.lock import CacheLockedError, WriterLock
+from akd_cache.store.reader import CacheDataset, CacheError, TeacherCache, collate
+from akd_cache.store.writer import IncompatibleCacheError, calibration_samples, fill, plan_shards
+from akd_cache.teacher.build import make_ingredients, tokenize_split
+from akd_cache.teacher.hf_backend import HFTeacher
+
+K = 16
+SHARD_ROWS = 600
+N_SAMPLES = 40
+# a sqrt(p) step of 1/CODE_MAX moves p by <= sqrt(p)/CODE_MAX + 1/(4 CODE_MAX^2), plus the
+# small rescaling that makes top-k + tail sum to one
+MAX_PROB_ERROR = 1.5 / fmt.CODE_MAX
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, codealpaca_rows):
+    model = str(tiny_models["llama"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    examples = [
+        Example(f"row-{i:06d}", r["instruction"], r["input"], r["output"])
+        for i, r in enumerate(codealpaca_rows[:N_SAMPLES])
+    ]
+    cache_cfg = CacheConfig(k=K, shard_tokens=1024)
+    split = tokenize_split(tokenizer, examples, cache_cfg)
+    teacher_cfg = TeacherConfig(model=model)
+    ingredients = make_ingredients(
+        teacher=teacher_cfg, teacher_path=model, tokenizer=tokenizer,
+        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
+        cache=cache_cfg,
+    )
+    teacher = HFTeacher(model, k=K, batch_tokens=2048)
+    return {"model": model, "tokenizer": tokenizer, "samples": split.samples,
+            "ingredients": ingredients, "teacher": teacher, "reference": {}}
+
+
+def build(location, setup, backend=None, **kwargs) -> bool:
+    return fill(
+        str(location), setup["samples"], setup["ingredients"], len(setup["tokenizer"]),
+        backend or (lambda: setup["teacher"]), shard_rows=SHARD_ROWS, **kwargs,
+    )
+
+
+def row_arrays(location) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(location), mode="r")
+    return {name: group[f"rows/{name}"][:] for name in
+            ("ids", "codes", "tail_logmass", "target_logprob")}
+
+
+@pytest.fixture(scope="module")
+def reference_cache(setup, tmp_path_factory):
+    """An uninterrupted build; `setup["reference"]` records exactly what the writer was given."""
+    location = tmp_path_factory.mktemp("ref") / "cache"
+
+    class Recording:
+        def score(self, samples):
+            rows = setup["teacher"].score(samples)
+            setup["reference"].update((s.sample_id, r) for s, r in zip(samples, rows))
+            return rows
+
+    assert build(location, setup, backend=lambda: Recording())
+    return location
+
+
+def test_round_trip_is_exact_for_ids_tail_and_target(setup, reference_cache):
+    cache = TeacherCache(str(reference_cache))
+    assert len(cache) == len(setup["samples"])
+    for i, sample in enumerate(setup["samples"]):
+        got, rows = cache[i], setup["reference"][sample.sample_id]
+        assert got.sample_id == sample.sample_id
+        assert got.input_ids.tolist() == sample.input_ids and got.prompt_len == sample.prompt_len
+        # ids come back sorted by vocabulary rank: compare as sets, row by row, with values
+        order_got, order_ref = np.argsort(got.topk_ids, 1), np.argsort(rows.topk_ids, 1)
+        ids_got = np.take_along_axis(got.topk_ids, order_got, 1)
+        np.testing.assert_array_equal(ids_got, np.take_along_axis(rows.topk_ids, order_ref, 1))
+        np.testing.assert_array_equal(got.tail_logmass, rows.tail_logmass)
+        np.testing.assert_array_equal(got.target_logprob, rows.target_logprob)
+        p_got = np.exp(np.take_along_axis(got.topk_logprobs, order_got, 1))
+        p_ref = np.exp(np.take_along_axis(rows.topk_logprobs, order_ref, 1))
+        assert np.abs(p_got - p_ref).max() < MAX_PROB_ERROR
+        total = p_got.sum(1) + np.exp(got.tail_logmass.astype(np.float64))
+        np.testing.assert_allclose(total, 1.0, atol=1e-5)
+
+
+def test_stored_distribution_is_close_in_kl(setup, reference_cache):
+    cache = TeacherCache(str(reference_cache))
+    kls = []
+    for i, sample in enumerate(setup["samples"]):
+        got, rows = cache[i], setup["reference"][sample.sample_id]
+        order_got, order_ref = np.argsort(got.topk_ids, 1), np.argsort(rows.topk_ids, 1)
+        p = np.exp(np.take_along_axis(rows.topk_logprobs, order_ref, 1).astype(np.float64))
+        q = np.exp(np.take_along_axis(got.topk_logprobs, order_got, 1).astype(np.float64))
+        kls.append((p * (np.log(p) - np.log(q))).sum(1))  # tails are stored exactly
+    assert np.concatenate(kls).mean() < 1e-3
+
+
+def test_collate_aligns_rows_with_the_positions_that_predict_them(setup, reference_cache):
+    cache = TeacherCache(str(reference_cache))
+    batch = collate([cache[i] for i in (3, 0, 7)])
+    for b, i in enumerate((3, 0, 7)):
+        sample = setup["samples"][i]
+        positions = torch.nonzero(batch["loss_mask"][b]).squeeze(-1).tolist()
+        assert positions == list(range(sample.prompt_len - 1, len(sample.input_ids) - 1))
+        # the label at position j is token j + 1: the token the teacher row predicts
+        labels = batch["labels"][b][batch["loss_mask"][b]].tolist()
+        assert labels == sample.input_ids[sample.prompt_len :]
+        tail = setup["reference"][sample.sample_id].tail_logmass
+        assert batch["tail_logmass"][b][batch["loss_mask"][b]].tolist() == tail.tolist()
+    assert batch["attention_mask"].sum().item() == sum(
+        len(setup["samples"][i].input_ids) for i in (3, 0, 7))
+    loader = torch.utils.data.DataLoader(CacheDataset(cache), batch_size=4, collate_fn=collate)
+    assert sum(b["loss_mask"].sum().item() for b in loader) == sum(
+        s.n_loss_rows for s in setup["samples"])
+
+
+def test_shards_hold_whole_samples():
+    plan = plan_shards([5, 4, 3, 6, 1], shard_rows=8)
+    assert plan.shard_of.tolist() == [0, 1, 1, 2, 2]
+    assert plan.row_start.tolist() == [0, 8, 12, 16, 22]
+    with pytest.raises(ValueError, match="more than shard_rows"):
+        plan_shards([9], shard_rows=8)
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_backend(teacher, calls_before_crash: int):
+    state = {"calls": 0}
+
+    class Backend:
+        def score(self, samples):
+            state["calls"] += 1
+            if state["calls"] > calls_before_crash:
+                raise Crash
+            return teacher.score(samples)
+
+    return lambda: Backend()
+
+
+def test_resume_after_crash_equals_an_uninterrupted_run(setup, reference_cache, tmp_path):
+    location = tmp_path / "cache"
+    with pytest.raises(Crash):
+        build(location, setup, backend=crashing_backend(setup["teacher"], 2))
+    group = zarr.open_group(str(location), mode="r")
+    done = group["shard_done"][:]
+    assert 0 < done.sum() < len(done)
+    with pytest.raises(CacheError, match="incomplete"):
+        TeacherCache(str(location))
+    assert len(TeacherCache(str(location), allow_incomplete=True)) == len(setup["samples"])
+    assert build(location, setup)
+    for name, ref in row_arrays(reference_cache).items():
+        np.testing.assert_array_equal(row_arrays(location)[name], ref, err_msg=name)
+
+
+KILL_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.store.key import CacheIngredients
+from akd_cache.store.writer import fill
+from akd_cache.teacher.hf_backend import HFTeacher
+
+model, location, shard_rows, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+spec = json.loads(Path(location + ".spec.json").read_text())
+teacher = HFTeacher(model, k=k, batch_tokens=2048)
+
+
+class Slow:
+    def score(self, batch):
+        time.sleep(0.5)
+        return teacher.score(batch)
+
+
+fill(location, [TokenizedSample(**s) for s in spec["samples"]],
+     CacheIngredients(**spec["ingredients"]), spec["vocab_size"], lambda: Slow(),
+     shard_rows=shard_rows)
+"""
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(setup, reference_cache, tmp_path):
+    import json
+    from dataclasses import asdict
+
+    location = str(tmp_path / "cache")
+    Path(location + ".spec.json").write_text(json.dumps({
+        "samples": [asdict(s) for s in setup["samples"]],
+        "ingredients": setup["ingredients"].to_dict(),
+        "vocab_size": len(setup["tokenizer"]),
+    }))
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, setup["model"], location, str(SHARD_ROWS), str(K)],
+        cwd=repo, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if zarr.open_group(location, mode="r")["shard_done"][:].sum() >= 1:
+                break
+        except (FileNotFoundError, KeyError):
+            pass
+        time.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = zarr.open_group(location, mode="r")["shard_done"][:]
+    assert 1 <= done.sum() < len(done), "the kill should land mid-run"
+    assert (Path(location) / "locks" / "worker-0-of-1.lock").exists()  # left by the dead writer
+    assert build(location, setup)  # the stale lock is taken over
+    for name, ref in row_arrays(reference_cache).items():
+        np.testing.assert_array_equal(row_arrays(location)[name], ref, err_msg=name)
+
+
+def test_workers_fill_disjoint_shards_then_finalize(setup, reference_cache, tmp_path):
+    location = tmp_path / "cache"
+    calls = []
+
+    def counting():
+        class Backend:
+            def score(self, samples):
+                calls.append([s.sample_id for s in samples])
+                return setup["teacher"].score(samples)
+        return Backend()
+
+    assert not build(location, setup, backend=counting, worker_index=0, num_workers=2)
+    calibration = calls.pop(0)  # the first writer calibrates the vocabulary renumbering
+    assert calibration == [s.sample_id for s in calibration_samples(setup["samples"])]
+    first = {sid for batch in calls for sid in batch}
+    calls.clear()
+    assert build(location, setup, backend=counting, worker_index=1, num_workers=2)
+    second = {sid for batch in calls for sid in batch}
+    assert first and second and not first & second
+    assert first | second == {s.sample_id for s in setup["samples"]}
+    assert TeacherCache(str(location)).meta["complete"]
+    for name, ref in row_arrays(reference_cache).items():
+        np.testing.assert_array_equal(row_arrays(location)[name], ref, err_msg=name)
+
+
+def test_rerun_of_a_complete_cache_never_loads_the_teacher(setup, reference_cache):
+    def never():
+        raise AssertionError("the teacher was loaded for a complete cache")
+
+    assert build(reference_cache, setup, backend=never)
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    location = str(tmp_path / "cache")
+    with WriterLock(location, "worker-0-of-1"):
+        with pytest.raises(CacheLockedError, match="another writer"):
+            with WriterLock(location, "worker-0-of-1"):
+                pass
+        with WriterLock(location, "worker-1-of-2"):
+            pass
+
+
+def test_a_location_is_tied_to_its_key(setup, reference_cache):
+    other = replace(setup["ingredients"], k=K + 1)
+    with pytest.raises(IncompatibleCacheError, match="tied to its key"):
+        fill(str(reference_cache), setup["samples"], other, len(setup["tokenizer"]),
+             lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+
+
+def test_key_changes_with_every_ingredient(setup):
+    base = setup["ingredients"]
+    changes = {"teacher_weights_sha256": "x", "tokenizer_sha256": "x", "dataset_sha256": "x",
+               "template": "starcoder", "max_length": 256, "k": 8, "temperature": 2.0,
+               "truncation": "drop", "heldout": 5, "teacher_revision": "abc"}
+    keys = {replace(base, **{name: value}).key() for name, value in changes.items()}
+    assert len(keys | {base.key()}) == len(changes) + 1
+
+
+def test_reader_refuses_a_student_with_another_tokenizer(setup, reference_cache, tiny_models,
+                                                         codealpaca_rows):
+    from akd_cache.models.tiny import train_tokenizer
+
+    cache = TeacherCache(str(reference_cache))
+    cache.check_student(setup["tokenizer"], expected_key=setup["ingredients"].key())
+    other = train_tokenizer([r["output"] for r in codealpaca_rows[:300]], vocab_size=400)
+    with pytest.raises(CacheError, match="tokenizer"):
+        cache.check_student(other)
+    with pytest.raises(CacheError, match="differs from the expected"):
+        cache.check_student(setup["tokenizer"], expected_key="0" * 20)
+
+
+def test_fsspec_url_location(setup, reference_cache, tmp_path):
+    url = f"file://{tmp_path}/remote-cache"
+    assert build(url, setup)
+    cache = TeacherCache(url)
+    assert cache.key == setup["ingredients"].key()
+    for name, ref in row_arrays(reference_cache).items():
+        np.testing.assert_array_equal(row_arrays(url)[name], ref, err_msg=name)
+
+
+def test_value_codec_on_a_hand_worked_row(monkeypatch):
+    monkeypatch.setattr(fmt, "CODE_MAX", 100)
+    # p = (0.81, 0.09, 0.0001), tail 0.0999: sqrt(p) * 100 = 90, 30, 1 exactly
+    lp = np.log(np.array([[0.81, 0.09, 0.0001]]))
+    tail = np.log(np.array([0.0999], dtype=np.float32))
+    rank = np.arange(10, dtype=np.uint16)[::-1].copy()  # id 9 is rank 0
+    enc = fmt.encode_rows(np.array([[2, 7, 5]]), lp, tail, np.zeros(1), rank)
+    # ranks: id 2 -> 7, id 7 -> 2, id 5 -> 4; sorted ranks 2, 4, 7; deltas 2, 2, 3
+    assert enc.ids.tolist() == [[2, 2, 3]]
+    assert enc.codes.tolist() == [[30, 1, 90]]
+    order = np.argsort(rank)
+    assert fmt.decode_ids(enc.ids, order).tolist() == [[7, 5, 2]]
+    p = np.exp(fmt.decode_logprobs(enc.codes, enc.tail_logmass).astype(np.float64))
+    np.testing.assert_allclose(p[0], [0.09, 0.0001, 0.81], rtol=1e-6)
+
+
+def test_vocab_rank_orders_by_calibration_top_k_then_data():
+    topk = np.array([[3, 1], [3, 2]])
+    tokens = np.array([0, 0, 0, 1, 4, 4])
+    # top-k counts: 3 -> 2, 1 -> 1, 2 -> 1; data breaks the 1/2 tie (1 seen once, 2 never);
+    # the rest by data count (0 thrice, 4 twice)
+    assert fmt.vocab_rank(topk, tokens, 5).tolist() == [3, 1, 2, 0, 4]
