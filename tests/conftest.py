@@ -16,6 +16,11 @@ TINY_VOCAB = 512
 
 
 @pytest.fixture(scope="session")
+def codealpaca_path() -> Path:
+    return CODEALPACA
+
+
+@pytest.fixture(scope="session")
 def codealpaca_rows() -> list[dict]:
     return json.loads(CODEALPACA.read_text())
 
@@ -26,3 +31,11 @@ def tiny_models(tmp_path_factory, codealpaca_rows) -> dict[str, Path]:
     texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in codealpaca_rows]
     root = tmp_path_factory.mktemp("tiny")
     return {arch: save_tiny(arch, texts, root / arch, TINY_VOCAB) for arch in ("gpt_bigcode", "llama")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2 teacher, converted once into the repository's storage/ and reused."""
+    from akd_cache.models.smollm2 import ensure_smollm2
+
+    return ensure_smollm2(REPO / "storage" / "models" / "smollm2-135m-instruct")

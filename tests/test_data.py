@@ -1,0 +1,126 @@
+"""Instruction data: schemas, bad rows counted and reported, a deterministic split, hashing."""
+
+import json
+
+import pytest
+
+from transformers import AutoTokenizer
+
+from akd_cache.config import DataConfig
+from akd_cache.data.instructions import BadRow, Example, drop_summary, prepare
+from akd_cache.data.tokenize import tokenize_example
+
+GOOD = [{"instruction": f"Task {i}", "input": "", "output": f"print({i})"} for i in range(20)]
+
+
+def write_json(tmp_path, rows, name="d.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_bad_rows_are_dropped_with_a_reason_and_the_run_goes_on(tmp_path):
+    bad = [
+        {"instruction": "no output"},
+        {"instruction": "x", "input": "", "output": 5},
+        {"instruction": "x", "input": "", "output": "   "},
+        {"instruction": "", "input": "", "output": "y"},
+        "not an object",
+        dict(GOOD[0]),
+    ]
+    data = prepare(DataConfig(dataset=write_json(tmp_path, GOOD + bad), heldout=2))
+    reasons = {d.sample_id: d.reason for d in data.dropped}
+    assert reasons == {
+        "row-000020": "missing field 'output'",
+        "row-000021": "field 'output' is a int, not a string",
+        "row-000022": "empty output",
+        "row-000023": "empty instruction",
+        "row-000024": "row is a str, not an object",
+        "row-000025": "duplicate of an earlier row",
+    }
+    assert len(data.train) + len(data.heldout) == len(GOOD)
+    assert drop_summary(data.dropped, data.n_rows).startswith("dropped 6 of 26 rows")
+
+
+def test_unparsable_jsonl_line_is_one_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in GOOD[:5]] + ["{oops"]) + "\n")
+    data = prepare(DataConfig(dataset=str(path), heldout=1))
+    assert [d.reason.split(" (")[0] for d in data.dropped] == ["unparsable JSON"]
+
+
+def test_split_is_seeded_disjoint_and_complete(tmp_path):
+    path = write_json(tmp_path, GOOD)
+    a = prepare(DataConfig(dataset=path, heldout=5, seed=1))
+    b = prepare(DataConfig(dataset=path, heldout=5, seed=1))
+    c = prepare(DataConfig(dataset=path, heldout=5, seed=2))
+    assert a.train == b.train and a.heldout == b.heldout
+    assert {e.sample_id for e in a.heldout} != {e.sample_id for e in c.heldout}
+    ids = [e.sample_id for e in a.train + a.heldout]
+    assert len(ids) == len(set(ids)) == len(GOOD)
+    subset = prepare(DataConfig(dataset=path, heldout=5, seed=1, max_train_samples=4))
+    assert subset.heldout == a.heldout and set(subset.train) <= set(a.train)
+    assert len(subset.train) == 4
+
+
+def test_heldout_larger_than_the_data_is_an_error_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="data.heldout=30"):
+        prepare(DataConfig(dataset=write_json(tmp_path, GOOD), heldout=30))
+
+
+def test_content_hash_follows_rows_not_files(tmp_path):
+    a = prepare(DataConfig(dataset=write_json(tmp_path, GOOD, "a.json"), heldout=1))
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("".join(json.dumps(r, indent=None) + "\n" for r in GOOD))
+    b = prepare(DataConfig(dataset=str(jsonl), heldout=1))
+    changed = [dict(r) for r in GOOD]
+    changed[3]["output"] = "print(-3)"
+    c = prepare(DataConfig(dataset=write_json(tmp_path, changed, "c.json"), heldout=1))
+    assert a.content_sha256 == b.content_sha256 != c.content_sha256
+
+
+def test_magicoder_and_custom_schemas(tmp_path):
+    rows = [{"problem": f"P{i}", "solution": f"S{i}"} for i in range(4)]
+    data = prepare(DataConfig(dataset=write_json(tmp_path, rows), schema="magicoder", heldout=1))
+    assert {(e.instruction, e.input, e.output) for e in data.train + data.heldout} == {
+        (f"P{i}", "", f"S{i}") for i in range(4)}
+    rows = [{"q": f"Q{i}", "ctx": "c", "a": f"A{i}"} for i in range(4)]
+    cfg = DataConfig(dataset=write_json(tmp_path, rows, "c.json"), schema="custom", heldout=1,
+                     columns={"instruction": "q", "input": "ctx", "output": "a"})
+    assert prepare(cfg).train[0].input == "c"
+
+
+def test_real_codealpaca_file_prepares(codealpaca_path, codealpaca_rows):
+    data = prepare(DataConfig(dataset=str(codealpaca_path), heldout=100))
+    assert data.n_rows == len(codealpaca_rows) == 2017
+    assert len(data.train) + len(data.heldout) + len(data.dropped) == data.n_rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    return AutoTokenizer.from_pretrained(tiny_models["llama"])
+
+
+def test_tokenization_masks_exactly_the_response_and_eos(tokenizer):
+    example = Example("s", "Reverse a string.", "", "return s[::-1]")
+    sample = tokenize_example(tokenizer, example, "alpaca", 512, "truncate_response")
+    prompt = tokenizer("".join([
+        "Below is an instruction that describes a task. Write a response that appropriately ",
+        "completes the request.### Instruction:\nReverse a string.\n### Input:\n### Response:",
+    ]))["input_ids"]
+    response = tokenizer("return s[::-1]", add_special_tokens=False)["input_ids"]
+    assert sample.input_ids == prompt + response + [tokenizer.eos_token_id]
+    assert sample.prompt_len == len(prompt)
+    assert sample.n_loss_rows == len(response) + 1
+
+
+def test_truncation_policies(tokenizer):
+    example = Example("s", "Write it.", "", "x = 1\n" * 200)
+    full = tokenize_example(tokenizer, example, "alpaca", 4096, "drop")
+    cut = tokenize_example(tokenizer, example, "alpaca", 100, "truncate_response")
+    assert len(cut.input_ids) == 100 and cut.input_ids == full.input_ids[:100]
+    assert cut.input_ids[-1] != tokenizer.eos_token_id
+    with pytest.raises(BadRow, match="too long: .* > max_length 100"):
+        tokenize_example(tokenizer, example, "alpaca", 100, "drop")
+    with pytest.raises(BadRow, match="the prompt alone"):
+        tokenize_example(tokenizer, example, "alpaca", 10, "truncate_response")
