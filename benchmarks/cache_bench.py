@@ -1,0 +1,142 @@
+"""Stage 1 benchmark: cache bytes per token and reconstruction error, writer and reader speed,
+teacher throughput of the hf and vllm backends, all with the real SmolLM2 teacher on CPU.
+
+    python benchmarks/cache_bench.py --samples 300 [--vllm-samples 64]
+
+The teacher runs once (hf, k = 64); the k = 16 cache is built from the same rows (the top 16 of
+the top 64, the tail recomputed exactly from the dropped entries). Writer and reader speeds
+replay those rows, so they exclude the teacher, on one thread. Results go to stdout as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
+from akd_cache.data.instructions import prepare
+from akd_cache.models.smollm2 import ensure_smollm2
+from akd_cache.store.reader import TeacherCache
+from akd_cache.store.writer import fill
+from akd_cache.teacher.build import load_tokenizer, make_ingredients, tokenize_split
+from akd_cache.teacher.hf_backend import HFTeacher
+from akd_cache.teacher.rows import TeacherRows
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET = REPO.parent / "shared" / "data" / "codealpaca" / "code_alpaca_2k.json"
+TEACHER = REPO / "storage" / "models" / "smollm2-135m-instruct"
+RAW_BYTES_PER_ENTRY = 2 + 2  # uint16 id + float16 value
+SHARD_ROWS = 16384
+
+
+def top(rows: TeacherRows, k: int) -> TeacherRows:
+    dropped = np.exp(rows.topk_logprobs[:, k:].astype(np.float64)).sum(1)
+    tail = np.log(np.exp(rows.tail_logmass.astype(np.float64)) + dropped).astype(np.float32)
+    return TeacherRows(rows.topk_ids[:, :k], rows.topk_logprobs[:, :k], tail, rows.target_logprob)
+
+
+class Replay:
+    def __init__(self, rows: dict[str, TeacherRows]) -> None:
+        self.rows = rows
+
+    def score(self, samples):
+        return [self.rows[s.sample_id] for s in samples]
+
+
+def reconstruction_kl(cache: TeacherCache, rows: dict[str, TeacherRows]) -> np.ndarray:
+    """KL(exact top-k + tail || stored top-k + tail) per row; the tail is stored exactly."""
+    kls = []
+    for i in range(len(cache)):
+        got = cache[i]
+        exact = rows[got.sample_id]
+        order_e, order_g = np.argsort(exact.topk_ids, 1), np.argsort(got.topk_ids, 1)
+        p = np.exp(np.take_along_axis(exact.topk_logprobs, order_e, 1).astype(np.float64))
+        q = np.exp(np.take_along_axis(got.topk_logprobs, order_g, 1).astype(np.float64))
+        kls.append((p * (np.log(p) - np.log(q))).sum(1))
+    return np.concatenate(kls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--vllm-samples", type=int, default=0)
+    args = parser.parse_args()
+    teacher_dir = str(ensure_smollm2(TEACHER))
+    data = prepare(DataConfig(dataset=str(DATASET), heldout=0))
+    tokenizer = load_tokenizer(teacher_dir)
+    split = tokenize_split(tokenizer, data.train[: args.samples], CacheConfig())
+    samples = split.samples
+    n_tokens = sum(len(s.input_ids) for s in samples)
+    n_rows = sum(s.n_loss_rows for s in samples)
+    vocab = AutoConfig.from_pretrained(teacher_dir).vocab_size
+    print(f"{len(samples)} samples, {n_tokens} sequence tokens, {n_rows} response rows\n")
+
+    hf = HFTeacher(teacher_dir, k=64, batch_tokens=4096)
+    start = time.perf_counter()
+    scored = hf.score(samples)
+    hf_seconds = time.perf_counter() - start
+    rows64 = {s.sample_id: r for s, r in zip(samples, scored)}
+
+    torch.set_num_threads(1)
+    numcodecs.blosc.set_nthreads(1)
+    print("| k | B/token stored | B/token raw (uint16 + fp16) | ratio | mean KL nat/token | "
+          "max KL | writer tok/s | reader tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in (64, 16):
+        rows = {sid: top(r, k) for sid, r in rows64.items()}
+        cache_cfg = CacheConfig(k=k)
+        ingredients = make_ingredients(
+            teacher=TeacherConfig(model=teacher_dir), teacher_path=teacher_dir,
+            tokenizer=tokenizer, data=DataConfig(dataset=str(DATASET), heldout=0),
+            dataset_sha256=data.content_sha256, samples=samples, cache=cache_cfg,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            location = f"{tmp}/cache"
+            start = time.perf_counter()
+            fill(location, samples, ingredients, vocab, lambda: Replay(rows),
+                 shard_rows=SHARD_ROWS)
+            write_seconds = time.perf_counter() - start
+            cache = TeacherCache(location)
+            start = time.perf_counter()
+            read_rows = sum(len(cache[i].tail_logmass) for i in range(len(cache)))
+            read_seconds = time.perf_counter() - start
+            assert read_rows == n_rows
+            kl = reconstruction_kl(cache, rows)
+            stats = cache.meta["stats"]
+        print(f"| {k} | {stats['bytes_per_row']:.1f} | {k * RAW_BYTES_PER_ENTRY} | "
+              f"{k * RAW_BYTES_PER_ENTRY / stats['bytes_per_row']:.2f}x | {kl.mean():.2e} | "
+              f"{kl.max():.2e} | {n_rows / write_seconds:,.0f} | {n_rows / read_seconds:,.0f} |")
+    print(f"\nWhole cache incl. token ids and tables, k=64: see `akd inspect`; "
+          f"writer includes finalize stats.\n")
+
+    torch.set_num_threads(torch.get_num_interop_threads())
+    print("| backend | samples | sequence tokens | seconds | tokens/s |")
+    print("|---|---|---|---|---|")
+    print(f"| hf | {len(samples)} | {n_tokens} | {hf_seconds:.1f} | {n_tokens / hf_seconds:.0f} |")
+    if args.vllm_samples:
+        from akd_cache.teacher.vllm_backend import VLLMTeacher
+
+        subset = samples[: args.vllm_samples]
+        sub_tokens = sum(len(s.input_ids) for s in subset)
+        start = time.perf_counter()
+        hf.score(subset)
+        hf_sub = time.perf_counter() - start
+        vllm = VLLMTeacher(teacher_dir, k=64, max_model_len=512)
+        start = time.perf_counter()
+        vllm.score(subset)
+        vllm_seconds = time.perf_counter() - start
+        print(f"| hf | {len(subset)} | {sub_tokens} | {hf_sub:.1f} | {sub_tokens / hf_sub:.0f} |")
+        print(f"| vllm | {len(subset)} | {sub_tokens} | {vllm_seconds:.1f} | "
+              f"{sub_tokens / vllm_seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
