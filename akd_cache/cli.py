@@ -10,6 +10,7 @@ STAGES = {
     "prepare": "stages.prepare",
     "models": "stages.models",
     "cache-teacher": "stages.cache_teacher",
+    "train": "stages.train",
 }
 
 

@@ -77,16 +77,58 @@ class CacheConfig(Strict):
     root: str = "storage/teacher-cache"
 
 
+class TrainConfig(Strict):
+    """Stage 2 settings shared by every experiment of a profile (METHOD.md section 4)."""
+
+    lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: run whole epochs")
+    temperature: float = Field(1.0, gt=0)
+    t2_scale: bool = False
+    tail_mode: Literal["bucket", "renormalize", "uniform"] = "bucket"
+    chunk_size: int = Field(1024, gt=0, description="loss positions per lm-head chunk")
+    bf16: bool = False
+    seed: int = 0
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)
+    output_root: str = "runs/train"
+
+
+class LoraSettings(Strict):
+    rank: int = Field(8, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    targets: list[str] | None = Field(
+        None, description="module names; default c_attn (GPTBigCode) or q/k/v/o_proj (Llama)"
+    )
+
+
+class Experiment(Strict):
+    """One Stage 2 run: a `dvc.yaml` foreach item."""
+
+    method: Literal["sft", "kd", "rkd", "akd", "fixed_beta"]
+    variant: Literal["m1", "m2", "m3"] = "m3"
+    beta: float = Field(0.1, ge=0, le=1, description="akd: the initial beta; fixed_beta: beta")
+    beta_reset: Literal["choice", "uniform"] = "choice"
+    ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the reference, mixed in")
+    tail_mode: Literal["bucket", "renormalize", "uniform"] | None = None
+    lora: LoraSettings | None = None
+
+
 class Profile(Strict):
     data: DataConfig
     teacher: TeacherConfig
     student: StudentInit
     cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
 
 
 class Params(Strict):
     profile: str
     profiles: dict[str, Profile]
+    experiments: dict[str, Experiment] = Field(default_factory=dict)
 
     @field_validator("profiles")
     @classmethod

@@ -1,0 +1,64 @@
+"""Build what a Stage 2 run needs: the student (optionally with LoRA) and the Trainer's args."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
+
+from akd_cache.config import Experiment, LoraSettings, TrainConfig
+
+LORA_DEFAULT_TARGETS = {
+    "gpt_bigcode": ["c_attn"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def lora_targets(model: PreTrainedModel, settings: LoraSettings) -> list[str]:
+    if settings.targets:
+        return settings.targets
+    kind = model.config.model_type
+    if kind not in LORA_DEFAULT_TARGETS:
+        raise ValueError(
+            f"no default LoRA targets for model type {kind!r}; set lora.targets in the experiment"
+        )
+    return LORA_DEFAULT_TARGETS[kind]
+
+
+def load_student(path: str, experiment: Experiment, bf16: bool = False) -> PreTrainedModel:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if experiment.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    settings = experiment.lora
+    return get_peft_model(model, LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=lora_targets(model, settings), task_type="CAUSAL_LM",
+    ))
+
+
+def training_arguments(train: TrainConfig, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=train.lr,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        bf16=train.bf16,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )

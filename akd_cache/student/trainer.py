@@ -1,0 +1,178 @@
+"""Stage 2: train the student against the teacher cache on transformers' Trainer.
+
+The Trainer drives a `DistillationModule`: the student's decoder, then the fused loss of
+`divergence.py` on the loss positions only, so [batch, seq, vocab] logits never exist and DDP /
+FSDP wrap the whole step unchanged (`torchrun` or `accelerate launch`). beta is updated after
+every training batch from the batch means of the per-sample normalised FKL and RKL, averaged
+over processes so every rank holds the same beta; its state is saved in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+
+from akd_cache.config import Experiment, TrainConfig
+from akd_cache.student.akd import BetaController, BetaState
+from akd_cache.student.divergence import fused_divergence_loss
+
+BETA_STATE_FILE = "beta_state.pt"
+EPOCH_EPS = 1e-6
+KIB = 1024
+MIB = 2**20
+
+
+def method_beta(experiment: Experiment) -> tuple[str, float]:
+    """The controller variant and starting beta of a method: KD is beta 0, RKD beta 1."""
+    if experiment.method == "kd":
+        return "fixed", 0.0
+    if experiment.method == "rkd":
+        return "fixed", 1.0
+    if experiment.method == "akd":
+        return experiment.variant, experiment.beta
+    return "fixed", experiment.beta
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    fkl: torch.Tensor  # batch mean of per-sample normalised FKL, detached
+    rkl: torch.Tensor
+    teacher_tail: torch.Tensor  # mean tail mass over loss positions, detached
+    student_tail: torch.Tensor
+    tokens: torch.Tensor  # loss positions in the batch
+
+
+class DistillationModule(torch.nn.Module):
+    """The student plus its loss: what the Trainer (and DDP) wraps."""
+
+    def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig):
+        super().__init__()
+        self.student = student
+        self.ce_weight = 1.0 if experiment.method == "sft" else experiment.ce_weight
+        self.distill = experiment.method != "sft"
+        self.tail_mode = experiment.tail_mode or train.tail_mode
+        self.temperature = train.temperature
+        self.t2_scale = train.t2_scale
+        self.chunk_size = train.chunk_size
+
+    def _causal_lm(self) -> PreTrainedModel:
+        inner = self.student
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        labels: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_logprobs: torch.Tensor,
+        tail_logmass: torch.Tensor,
+        beta: torch.Tensor,
+    ) -> StepOutput:
+        lm = self._causal_lm()
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        head = lm.get_output_embeddings()
+        rows = hidden[loss_mask]
+        sample_of = torch.nonzero(loss_mask)[:, 0]
+        lengths = loss_mask.sum(1).clamp(min=1).float()
+        # per-sample length normalisation, then the batch mean (METHOD.md section 3)
+        weight = 1.0 / (lengths[sample_of] * loss_mask.shape[0])
+        beta = beta.to(weight)
+        distill = float(self.distill)
+        loss, div = fused_divergence_loss(
+            rows, head.weight, head.bias, topk_ids[loss_mask], topk_logprobs[loss_mask],
+            tail_logmass[loss_mask],
+            fkl_coef=distill * (1 - beta) * weight, rkl_coef=distill * beta * weight,
+            ce_coef=self.ce_weight * weight if self.ce_weight else None,
+            target_ids=labels[loss_mask] if self.ce_weight else None,
+            temperature=self.temperature, mode=self.tail_mode, chunk_size=self.chunk_size,
+            t2_scale=self.t2_scale,
+        )
+        return StepOutput(
+            loss=loss,
+            fkl=(div.fkl.float() * weight).sum(),
+            rkl=(div.rkl.float() * weight).sum(),
+            teacher_tail=tail_logmass[loss_mask].exp().mean(),
+            student_tail=div.student_tail_logmass.float().exp().mean(),
+            tokens=loss_mask.sum(),
+        )
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory when training on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / MIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / MIB
+
+
+class DistillTrainer(Trainer):
+    def __init__(self, *args, controller: BetaController, log_path: Path, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.controller = controller
+        self.log_path = log_path
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self.tokens_seen = 0
+        self._start = time.perf_counter()
+        self.add_callback(BetaCallback(controller))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        beta = torch.tensor(self.controller.beta)
+        out: StepOutput = model(**inputs, beta=beta)
+        if model.training:
+            fkl = self.accelerator.reduce(out.fkl.detach(), "mean")
+            rkl = self.accelerator.reduce(out.rkl.detach(), "mean")
+            self.controller.step(fkl, rkl)
+            for name, value in (("fkl", fkl), ("rkl", rkl), ("teacher_tail_mass", out.teacher_tail),
+                                ("student_tail_mass", out.student_tail), ("beta_used", beta)):
+                self._sums[name] = self._sums.get(name, 0.0) + float(value)
+            self._count += 1
+            self.tokens_seen += int(out.tokens)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count:
+            logs.update({name: total / self._count for name, total in self._sums.items()})
+            self._sums, self._count = {}, 0
+        elapsed = time.perf_counter() - self._start
+        logs.update({
+            "beta": self.controller.beta,
+            "tokens_per_s": self.tokens_seen / elapsed if elapsed else 0.0,
+            "peak_memory_mb": peak_memory_mb(),
+        })
+        super().log(logs, start_time)
+        if self.is_world_process_zero():
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": self.state.global_step,
+                                    "epoch": self.state.epoch, **logs}) + "\n")
+
+
+class BetaCallback(TrainerCallback):
+    """Resets beta at epoch starts (m3) and keeps its state inside every checkpoint."""
+
+    def __init__(self, controller: BetaController) -> None:
+        self.controller = controller
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is the epoch index at an epoch start, fractional when resumed mid-epoch
+        self.controller.start_epoch(math.floor((state.epoch or 0.0) + EPOCH_EPS))
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.exists():
+            torch.save(asdict(self.controller.state()), folder / BETA_STATE_FILE)
+
+
+def load_beta_state(controller: BetaController, checkpoint: Path) -> None:
+    state = torch.load(checkpoint / BETA_STATE_FILE, weights_only=False)
+    controller.load(BetaState(**state))
