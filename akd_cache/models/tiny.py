@@ -2,6 +2,7 @@
 
 Both real architectures of the paper's families are covered (GPTBigCode for StarCoder, Llama for
 TinyLlama/CodeLlama/SmolLM2) so every code path meets the layer names it will meet in real use.
+The head size is 32 because vLLM's CPU attention has no kernel for smaller heads.
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def build_tiny_model(arch: Arch, vocab_size: int, seed: int = 0) -> PreTrainedMo
     torch.manual_seed(seed)
     if arch == "gpt_bigcode":
         config = GPTBigCodeConfig(
-            vocab_size=vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+            vocab_size=vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=2,
             multi_query=True, bos_token_id=0, eos_token_id=0,
         )
     else:
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
             bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
         )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -79,7 +79,7 @@ def backend_factory(
             return VLLMTeacher(
                 teacher_path, k=cache.k, temperature=cache.temperature, dtype=teacher.dtype,
                 memory_utilization=teacher.vllm_memory_utilization, revision=teacher.revision,
-                max_model_len=cache.max_length,
+                max_model_len=cache.max_length + 1,  # room for the one sampled token
             )
         from akd_cache.teacher.hf_backend import HFTeacher
 
