@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from akd_cache.config import Experiment, TrainConfig
@@ -24,6 +25,9 @@ from akd_cache.student.akd import BetaController, BetaState
 from akd_cache.student.divergence import fused_divergence_loss
 
 BETA_STATE_FILE = "beta_state.pt"
+TRAINING_ARGS_FILE = "training_args.bin"
+ADAPTER_FILE = "adapter_model.safetensors"
+STUDENT_PREFIX = "student."
 EPOCH_EPS = 1e-6
 KIB = 1024
 MIB = 2**20
@@ -124,6 +128,29 @@ class DistillTrainer(Trainer):
         self.tokens_seen = 0
         self._start = time.perf_counter()
         self.add_callback(BetaCallback(controller))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold the student as `save_pretrained` writes it (tied weights and LoRA
+        adapters included), not the wrapper's raw state dict."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        student = self.accelerator.unwrap_model(self.model).student
+        if state_dict is not None:
+            state_dict = {k.removeprefix(STUDENT_PREFIX): v for k, v in state_dict.items()}
+        student.save_pretrained(output_dir, state_dict=state_dict)
+        torch.save(self.args, Path(output_dir) / TRAINING_ARGS_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        student = (model or self.model).student
+        folder = Path(resume_from_checkpoint)
+        if hasattr(student, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(student, load_file(folder / ADAPTER_FILE))
+            return
+        saved = type(student).from_pretrained(folder, dtype=student.dtype)
+        student.load_state_dict(saved.state_dict())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         beta = torch.tensor(self.controller.beta)

@@ -1,0 +1,442 @@
+"""Stage 2 loss: forward and reverse KL between a cached teacher top-k and the student softmax.
+
+The cache holds, per response position, the teacher's top-k log-probabilities (normalised over
+the full vocabulary, already at the training temperature) and the log of the mass outside them.
+The student has full logits, so everything the teacher lacks must be assumed; `TailMode` names
+the three assumptions on offer. This module is the only place where the loss is computed:
+`topk_divergences` works on materialised logits, `fused_divergence_loss` chunks positions
+through the lm head so that the [N, V] float32 logits never exist at once.
+
+Conventions: `fkl` is KL(p || q) and `rkl` is KL(q || p), p the teacher, q = softmax(logits / T).
+Both are true divergences (never cross-entropies) and are not multiplied by T^2 unless
+`t2_scale=True` (Hinton's convention, which keeps gradient magnitudes comparable across T).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple, get_args
+
+import torch
+from torch import Tensor
+
+TailMode = Literal["bucket", "renormalize", "uniform"]
+"""How the teacher's mass outside its top-k is modelled.
+
+- ``bucket``: both distributions collapse to k + 1 categories (the top-k ids plus one "rest"
+  category); exact KL of those, a lower bound of the full-vocabulary KL (data processing).
+- ``renormalize``: the teacher top-k is renormalised to sum 1. FKL is KL(p' || q) with q the full
+  student softmax, so it still pulls student mass onto the top-k set. For RKL the student is
+  restricted to the same ids and renormalised as well: KL(q' || p') is then a true divergence
+  (>= 0), whereas q against p' would be infinite and the top-k sum alone goes negative.
+- ``uniform``: the teacher tail is spread evenly over the V - k other ids; full-vocabulary KL,
+  computed from sums of the student log-softmax so that no [N, V] teacher tensor exists.
+"""
+
+TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
+
+EMPTY_TAIL_LOGMASS = math.log(torch.finfo(torch.float64).eps)
+"""Floor for the teacher's tail log-mass when k < V.
+
+A cached tail of -inf (or below float64 resolution of ``1 - sum_topk p``) is rounding, not a
+claim that the V - k other tokens are impossible; taken literally it makes RKL infinite as soon
+as the student puts any mass there. Flooring it keeps RKL finite with a strong pull on that mass.
+"""
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+class Divergences(NamedTuple):
+    """Per-position divergences; masked or inactive positions hold zeros."""
+
+    fkl: Tensor
+    rkl: Tensor
+    student_tail_logmass: Tensor
+    """log of the student's mass outside the teacher's top-k ids (detached; -inf when k = V)."""
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in TAIL_MODES:
+        raise ValueError(f"unknown tail mode {mode!r}; expected one of {TAIL_MODES}")
+
+
+def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Elementwise a * (log a - log b) with 0 log 0 = 0, and a gradient free of NaN there."""
+    empty = torch.isneginf(log_a)
+    safe_a = log_a.masked_fill(empty, 0.0)
+    safe_b = log_b.masked_fill(empty, 0.0)
+    return torch.where(empty, 0.0, safe_a.exp() * (safe_a - safe_b))
+
+
+class _StudentStats(NamedTuple):
+    """All the divergences need from the student's [n, V] log-softmax, as per-row values.
+
+    Reducing the student to these first lets the fused path differentiate the loss with respect
+    to a few [n] / [n, k] tensors and apply the chain rule to the [n, V] part by hand, in place.
+    """
+
+    log_q_top: Tensor  # [n, k] student log-probs on the teacher's top-k ids
+    tail: Tensor  # [n] log of the student's mass outside those ids; -inf when k = V
+    sum_log_q_out: Tensor | None  # [n] sum of log q over the tail ids (uniform mode only)
+    sum_q_log_q_out: Tensor | None  # [n] sum of q log q over the tail ids (uniform mode only)
+
+
+def _student_stats(log_q: Tensor, topk_ids: Tensor, mode: TailMode) -> _StudentStats:
+    log_q_top = log_q.gather(-1, topk_ids)
+    if log_q.shape[-1] == topk_ids.shape[-1]:
+        empty = torch.full_like(log_q_top[:, 0], -math.inf)
+        return _StudentStats(log_q_top, empty, None, None)
+    # Masked logsumexp: stable even when the tail mass is far below float32 resolution of 1 - sum.
+    tail = torch.logsumexp(log_q.scatter(-1, topk_ids, -math.inf), dim=-1)
+    if mode != "uniform":
+        return _StudentStats(log_q_top, tail, None, None)
+    # log q on the tail ids and 0 on the top-k ids: direct sums, no cancellation.
+    log_q_out = log_q.scatter(-1, topk_ids, 0.0)
+    sum_q_log_q_out = (log_q_out.exp() * log_q_out).sum(-1)
+    return _StudentStats(log_q_top, tail, log_q_out.sum(-1), sum_q_log_q_out)
+
+
+def _divergences_from_stats(
+    stats: _StudentStats,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    tail_size: int,
+    mode: TailMode,
+) -> tuple[Tensor, Tensor]:
+    """FKL and RKL per row (no masking, no T^2). The one place the formulas live."""
+    teacher = topk_logprobs.to(stats.log_q_top.dtype)
+    if mode == "renormalize":
+        teacher_r = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
+        student_r = stats.log_q_top - torch.logsumexp(stats.log_q_top, dim=-1, keepdim=True)
+        fkl = _kl_terms(teacher_r, stats.log_q_top).sum(-1)
+        rkl = _kl_terms(student_r, teacher_r).sum(-1)
+        return fkl, rkl
+
+    fkl = _kl_terms(teacher, stats.log_q_top).sum(-1)
+    rkl = _kl_terms(stats.log_q_top, teacher).sum(-1)
+    if tail_size == 0:
+        # k = V: the tail is empty by construction; any cached tail mass is rounding noise.
+        return fkl, rkl
+    tail = tail_logmass.to(teacher.dtype).clamp_min(EMPTY_TAIL_LOGMASS)
+    if mode == "bucket":
+        return fkl + _kl_terms(tail, stats.tail), rkl + _kl_terms(stats.tail, tail)
+    # uniform: each of the tail_size tail ids has teacher log-prob `per_token`.
+    per_token = tail - math.log(tail_size)
+    fkl = fkl + tail.exp() * per_token - per_token.exp() * stats.sum_log_q_out
+    rkl = rkl + stats.sum_q_log_q_out - stats.tail.exp() * per_token
+    return fkl, rkl
+
+
+def topk_divergences(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    mask: Tensor | None,
+    *,
+    temperature: float = 1.0,
+    mode: TailMode = "bucket",
+    t2_scale: bool = False,
+) -> Divergences:
+    """Per-position FKL and RKL from materialised student logits.
+
+    Shapes: logits [..., V], ids and log-probs [..., k], tail and mask [...] (mask None means all
+    positions count). Softmax runs in at least float32. Masked positions get 0 and no gradient;
+    their ids and teacher values may be padding garbage, so they are replaced before use.
+    """
+    _check_mode(mode)
+    lead = student_logits.shape[:-1]
+    vocab_size, k = student_logits.shape[-1], topk_ids.shape[-1]
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    logits = student_logits.reshape(-1, vocab_size).to(compute_dtype)
+    ids = topk_ids.reshape(-1, k)
+    teacher = topk_logprobs.reshape(-1, k).to(compute_dtype)
+    tail = tail_logmass.reshape(-1).to(compute_dtype)
+    valid = None
+    if mask is not None:
+        valid = mask.reshape(-1).to(torch.bool)
+        rows = valid[:, None]
+        ids = torch.where(rows, ids, torch.arange(k, device=ids.device))
+        teacher = torch.where(rows, teacher, -math.log(k))
+        tail = torch.where(valid, tail, -math.inf)
+
+    log_q = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    stats = _student_stats(log_q, ids, mode)
+    fkl, rkl = _divergences_from_stats(stats, teacher, tail, vocab_size - k, mode)
+    if t2_scale:
+        fkl, rkl = fkl * temperature**2, rkl * temperature**2
+    student_tail = stats.tail.detach()
+    if valid is not None:
+        fkl = torch.where(valid, fkl, 0.0)
+        rkl = torch.where(valid, rkl, 0.0)
+        student_tail = torch.where(valid, student_tail, 0.0)
+    return Divergences(fkl.reshape(lead), rkl.reshape(lead), student_tail.reshape(lead))
+
+
+def temper_teacher(
+    topk_logprobs: Tensor, tail_logmass: Tensor, temperature: float, vocab_size: int
+) -> tuple[Tensor, Tensor]:
+    """Convert T = 1 cached teacher values to temperature T.
+
+    p_T(i) is proportional to p(i)^(1/T), so ratios within the top-k set are exact. The
+    normaliser also needs sum over the tail of p(j)^(1/T), which the cache does not hold: each of
+    the V - k tail tokens is assumed to carry tail / (V - k). That is exact only for a uniform
+    tail; by Jensen it over-estimates the tempered tail mass for T > 1 and under-estimates it for
+    T < 1. Build the cache at temperature T when exact values matter.
+    Returns (topk_logprobs, tail_logmass) at temperature T.
+    """
+    if temperature == 1.0:
+        return topk_logprobs, tail_logmass
+    k = topk_logprobs.shape[-1]
+    tail_size = vocab_size - k
+    top = topk_logprobs / temperature
+    top_mass = torch.logsumexp(top, dim=-1)
+    if tail_size == 0:
+        return top - top_mass[..., None], torch.full_like(tail_logmass, -math.inf)
+    log_tail_size = math.log(tail_size)
+    tail = log_tail_size + (tail_logmass - log_tail_size) / temperature
+    norm = torch.logaddexp(top_mass, tail)
+    return top - norm[..., None], tail - norm
+
+
+class _ChunkResult(NamedTuple):
+    loss: Tensor  # scalar
+    fkl: Tensor  # [c], detached and scaled
+    rkl: Tensor
+    student_tail: Tensor
+    nll: Tensor | None  # [c] at T = 1, when there is a CE term
+    grad_logits: Tensor  # [c, V] d loss / d logits, written over the logits buffer
+
+
+def _chunk_loss_and_grad(
+    logits: Tensor,
+    teacher: tuple[Tensor, Tensor, Tensor],
+    coefs: tuple[Tensor, Tensor, Tensor | None],
+    target_ids: Tensor | None,
+    temperature: float,
+    mode: TailMode,
+    kl_scale: float,
+) -> _ChunkResult:
+    """Loss and d loss / d logits for one chunk, with O(1) [c, V] buffers beyond `logits`.
+
+    `logits` is owned and overwritten. With l = log_softmax(s), s = logits / T, and D the
+    derivatives of the loss with respect to the per-row statistics (found by autograd on small
+    tensors), the chain rule gives for a tail id j, with e_j = q_j / Q = exp(l_j - tail):
+        dL/ds_j = e_j (D_tail + Q (D_sum_qlogq (l_j + 1) - sum_D)) + D_sum_log,
+    where sum_D is the total derivative with respect to l (the softmax Jacobian's correction);
+    e_j <= 1 on the tail, so nothing overflows however small the tail mass Q is.
+    """
+    topk_ids, topk_logprobs, tail_logmass = teacher
+    fkl_coef, rkl_coef, ce_coef = coefs
+    tail_size = logits.shape[-1] - topk_ids.shape[-1]
+    # CE is a hard-label term taken at T = 1 (Hinton); at T = 1 it shares the softmax.
+    separate_ce = ce_coef is not None and temperature != 1.0
+    nll = None
+    if ce_coef is not None:
+        targets = torch.where(ce_coef != 0, target_ids, 0)[:, None]
+    if separate_ce:
+        logits_lse = logits.logsumexp(-1, keepdim=True)
+        nll = (logits_lse - logits.gather(-1, targets))[:, 0]
+        log_q = logits / temperature
+    else:
+        log_q = logits if temperature == 1.0 else logits.div_(temperature)
+    log_q.sub_(log_q.logsumexp(-1, keepdim=True))
+    if ce_coef is not None and not separate_ce:
+        nll = -log_q.gather(-1, targets)[:, 0]
+    stats = _student_stats(log_q, topk_ids, mode)
+
+    with torch.enable_grad():
+        leaves = _StudentStats(*(None if t is None else t.detach().requires_grad_() for t in stats))
+        fkl, rkl = _divergences_from_stats(leaves, topk_logprobs, tail_logmass, tail_size, mode)
+        fkl, rkl = fkl * kl_scale, rkl * kl_scale
+        kl_loss = (fkl_coef * fkl + rkl_coef * rkl).sum()
+        used = [t for t in leaves if t is not None]
+        d_top, d_tail, *d_sums = torch.autograd.grad(kl_loss, used, materialize_grads=True)
+
+    q_top = stats.log_q_top.exp()
+    mass_out = stats.tail.exp()
+    sum_d = d_top.sum(-1) + d_tail
+    if d_sums:
+        d_sum_log, d_sum_q_log = d_sums
+        sum_d = sum_d + tail_size * d_sum_log + d_sum_q_log * (stats.sum_q_log_q_out + mass_out)
+    top_grad = d_top - q_top * sum_d[:, None]
+    row = d_tail - mass_out * sum_d
+    if ce_coef is not None and not separate_ce:
+        top_grad = top_grad + ce_coef[:, None] * q_top
+        row = row + ce_coef * mass_out
+
+    grad = log_q  # reuse the buffer; the top-k entries are overwritten below
+    if tail_size and d_sums:
+        ratio = (log_q - stats.tail[:, None]).exp_()
+        grad.add_(1.0).mul_((mass_out * d_sum_q_log)[:, None]).add_(row[:, None])
+        grad.mul_(ratio).add_(d_sum_log[:, None])
+    elif tail_size:
+        grad.sub_(stats.tail[:, None]).exp_().mul_(row[:, None])
+    grad.scatter_(-1, topk_ids, top_grad)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    if separate_ce:
+        grad.add_(logits.sub_(logits_lse).exp_().mul_(ce_coef[:, None]))
+    if ce_coef is not None:
+        grad.scatter_add_(-1, targets, -ce_coef[:, None])
+
+    loss = kl_loss.detach() + (0.0 if nll is None else (ce_coef * nll).sum())
+    return _ChunkResult(loss, fkl.detach(), rkl.detach(), stats.tail, nll, grad)
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Chunked lm head + divergences whose gradients are computed in the forward pass.
+
+    The per-position coefficients are known before the forward, so each chunk's logits can be
+    turned into loss and d loss / d logits at once and folded straight into the gradients of
+    hidden, weight and bias (3 matmuls in all, as in Liger's fused linear cross-entropy). The
+    backward only scales those by grad_output, so nothing is recomputed and no [N, V] exists.
+    Coefficients may require grad too (a learnable beta): d loss / d coef is the detached term.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        fkl_coef: Tensor,
+        rkl_coef: Tensor,
+        ce_coef: Tensor | None,
+        teacher: tuple[Tensor, Tensor, Tensor],
+        target_ids: Tensor | None,
+        temperature: float,
+        mode: TailMode,
+        chunk_size: int,
+        kl_scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n_pos = hidden.shape[0]
+        compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        coefs = tuple(
+            None if c is None else c.detach().to(compute_dtype)
+            for c in (fkl_coef, rkl_coef, ce_coef)
+        )
+        active = torch.stack([c != 0 for c in coefs if c is not None]).any(0)
+        active_rows = active.nonzero().squeeze(-1)
+
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # Accumulate in float32 at least: summing bf16 chunk products would lose precision.
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
+            if need_weight
+            else None
+        )
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=compute_dtype, device=bias.device) if need_bias else None
+        )
+        fkl = hidden.new_zeros(n_pos, dtype=compute_dtype)
+        rkl = torch.zeros_like(fkl)
+        nll = torch.zeros_like(fkl)
+        student_tail = torch.zeros_like(fkl)
+        loss = hidden.new_zeros((), dtype=compute_dtype)
+
+        for rows in active_rows.split(chunk_size):
+            h = hidden[rows]
+            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+            logits = logits.to(compute_dtype)
+            chunk = _chunk_loss_and_grad(
+                logits,
+                tuple(t[rows] for t in teacher),
+                tuple(None if c is None else c[rows] for c in coefs),
+                None if target_ids is None else target_ids[rows],
+                temperature,
+                mode,
+                kl_scale,
+            )
+            loss += chunk.loss
+            fkl[rows] = chunk.fkl
+            rkl[rows] = chunk.rkl
+            student_tail[rows] = chunk.student_tail
+            if chunk.nll is not None:
+                nll[rows] = chunk.nll
+            grad_logits = chunk.grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                if grad_weight.dtype == hidden.dtype:
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
+                    grad_weight += grad_logits.T @ h
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            # Free this chunk's [c, V] buffers before the next matmul allocates its own.
+            del logits, chunk, grad_logits
+
+        ctx.grads = (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            fkl,
+            rkl,
+            nll,
+        )
+        ctx.mark_non_differentiable(fkl, rkl, student_tail)
+        return loss, fkl, rkl, student_tail
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: Tensor, *_unused: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        scaled = [
+            g * grad_loss.to(g.dtype) if needed else None
+            for g, needed in zip(ctx.grads, ctx.needs_input_grad[:6], strict=True)
+        ]
+        return (*scaled, None, None, None, None, None, None)
+
+
+def fused_divergence_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    *,
+    fkl_coef: Tensor,
+    rkl_coef: Tensor,
+    ce_coef: Tensor | None = None,
+    target_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    mode: TailMode = "bucket",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    t2_scale: bool = False,
+) -> tuple[Tensor, Divergences]:
+    """loss = sum_n fkl_coef*fkl + rkl_coef*rkl + ce_coef*(-log softmax(logits)[target]).
+
+    hidden [N, H] (any float dtype), weight [V, H] and bias [V] or None in the same dtype;
+    teacher tensors as in `topk_divergences` with leading dim N; coefficients [N]. Positions
+    whose coefficients are all zero are skipped (padding costs nothing) and report
+    fkl = rkl = 0; a position with any nonzero coefficient reports both, so RKL is still logged
+    when only FKL trains (beta = 0). Logits are formed per chunk of `chunk_size` positions in the
+    input dtype, then softmaxed in float32; gradients come back in the input dtype and only for
+    inputs that require them (a frozen LoRA lm head costs no weight-gradient matmul). The CE
+    term uses the T = 1 logits. Returns the loss (float32, or float64 for float64 inputs) and
+    the detached per-position divergences.
+    """
+    _check_mode(mode)
+    if ce_coef is not None and target_ids is None:
+        raise ValueError("ce_coef needs target_ids")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    kl_scale = temperature**2 if t2_scale else 1.0
+    loss, fkl, rkl, student_tail = _FusedDivergence.apply(
+        hidden,
+        lm_head_weight,
+        lm_head_bias,
+        fkl_coef,
+        rkl_coef,
+        ce_coef,
+        (topk_ids, topk_logprobs, tail_logmass),
+        target_ids,
+        temperature,
+        mode,
+        chunk_size,
+        kl_scale,
+    )
+    return loss, Divergences(fkl, rkl, student_tail)

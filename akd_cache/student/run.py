@@ -1,0 +1,69 @@
+"""One Stage 2 experiment from start to saved student: what `akd train` runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+from akd_cache.config import Experiment, TrainConfig
+from akd_cache.store.reader import CacheDataset, TeacherCache, collate
+from akd_cache.student.akd import BetaController
+from akd_cache.student.setup import load_student, training_arguments
+from akd_cache.student.trainer import (
+    DistillationModule,
+    DistillTrainer,
+    load_beta_state,
+    method_beta,
+    peak_memory_mb,
+)
+
+
+def train_experiment(
+    cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
+    out: Path, name: str,
+) -> dict:
+    """Train (resuming from the last checkpoint in `out` if any), save the student, return the
+    run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included."""
+    cache = TeacherCache(cache_location)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    cache.check_student(tokenizer)
+    student = load_student(student_path, experiment, train.bf16)
+    variant, beta = method_beta(experiment)
+    controller = BetaController(variant, beta_init=beta, reset=experiment.beta_reset,
+                                seed=train.seed)
+    checkpoints = out / "checkpoints"
+    trainer = DistillTrainer(
+        model=DistillationModule(student, experiment, train),
+        args=training_arguments(train, checkpoints),
+        train_dataset=CacheDataset(cache),
+        data_collator=collate,
+        controller=controller,
+        log_path=out / "log.jsonl",
+    )
+    checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    if checkpoint:
+        load_beta_state(controller, Path(checkpoint))
+    else:
+        (out / "log.jsonl").unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - start
+    student.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    history = [e for e in trainer.state.log_history if "fkl" in e]
+    return {
+        "experiment": name,
+        "method": experiment.method,
+        "cache_key": cache.key,
+        "train_loss": result.training_loss,
+        "final_fkl": history[-1]["fkl"] if history else None,
+        "final_rkl": history[-1]["rkl"] if history else None,
+        "final_beta": controller.beta,
+        "steps": trainer.state.global_step,
+        "wall_s": wall,
+        "tokens_per_s": trainer.tokens_seen / wall,
+        "peak_memory_mb": peak_memory_mb(),
+    }

@@ -1,0 +1,435 @@
+"""Stage 2 divergences against an independent float64 full-vocabulary reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from akd_cache.student.divergence import (
+    TAIL_MODES,
+    fused_divergence_loss,
+    temper_teacher,
+    topk_divergences,
+)
+
+F64 = torch.float64
+
+
+def make_teacher(
+    n: int, vocab: int, k: int, *, seed: int, scale: float = 3.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random peaked teacher: full probs [n, V] and its cached top-k ids, log-probs, tail."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=gen, dtype=F64) * scale
+    probs = logits.softmax(-1)
+    top_p, ids = probs.topk(k, dim=-1)
+    rest = probs.scatter(-1, ids, 0.0).sum(-1)
+    return probs, ids, top_p.log(), rest.log()
+
+
+def student_logits(n: int, vocab: int, *, seed: int, scale: float = 2.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return torch.randn(n, vocab, generator=gen, dtype=F64) * scale
+
+
+def exact_kl(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive FKL and RKL over the full vocabulary with explicit float64 sums, 0 log 0 = 0."""
+    fkl = torch.zeros(p.shape[0], dtype=F64)
+    rkl = torch.zeros(p.shape[0], dtype=F64)
+    for n in range(p.shape[0]):
+        for i in range(p.shape[1]):
+            pi, qi = p[n, i].item(), q[n, i].item()
+            if pi > 0:
+                fkl[n] += pi * math.log(pi / qi)
+            if qi > 0:
+                rkl[n] += qi * math.log(qi / pi) if pi > 0 else math.inf
+    return fkl, rkl
+
+
+def naive_mode_kl(
+    p: torch.Tensor, q: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tail mode written out as explicit distributions, then the exact KL of those."""
+    n, vocab = q.shape
+    top_p = p.gather(-1, ids)
+    in_top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, ids, True)
+    if mode == "bucket":
+        teacher = torch.cat([top_p, tail.exp()[:, None]], -1)
+        top_q = q.gather(-1, ids)
+        student = torch.cat([top_q, (q * ~in_top).sum(-1, keepdim=True)], -1)
+        return exact_kl(teacher, student)
+    if mode == "uniform":
+        per_token = tail.exp()[:, None] / (vocab - ids.shape[1])
+        teacher = torch.where(in_top, p, per_token)
+        return exact_kl(teacher, q)
+    teacher = torch.where(in_top, p, 0.0)
+    teacher = teacher / teacher.sum(-1, keepdim=True)
+    fkl, _ = exact_kl(teacher, q)
+    student = torch.where(in_top, q, 0.0)
+    _, rkl = exact_kl(teacher, student / student.sum(-1, keepdim=True))
+    return fkl, rkl
+
+
+@pytest.mark.parametrize("mode", TAIL_MODES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocabulary_topk_is_exact(mode: str, temperature: float) -> None:
+    n, vocab = 6, 11
+    p, ids, top_lp, tail = make_teacher(n, vocab, vocab, seed=0)
+    assert torch.isneginf(tail).all()
+    logits = student_logits(n, vocab, seed=0)
+    div = topk_divergences(logits, ids, top_lp, tail, None, temperature=temperature, mode=mode)
+    fkl, rkl = exact_kl(p, (logits / temperature).softmax(-1))
+    torch.testing.assert_close(div.fkl, fkl)
+    torch.testing.assert_close(div.rkl, rkl)
+    assert torch.isneginf(div.student_tail_logmass).all()
+
+
+@pytest.mark.parametrize("mode", TAIL_MODES)
+def test_each_mode_matches_its_naive_definition(mode: str) -> None:
+    n, vocab, k = 5, 13, 4
+    p, ids, top_lp, tail = make_teacher(n, vocab, k, seed=1)
+    logits = student_logits(n, vocab, seed=1)
+    div = topk_divergences(logits, ids, top_lp, tail, None, temperature=1.5, mode=mode)
+    q = (logits / 1.5).softmax(-1)
+    fkl, rkl = naive_mode_kl(p, q, ids, tail, mode)
+    torch.testing.assert_close(div.fkl, fkl)
+    torch.testing.assert_close(div.rkl, rkl)
+    outside = q.scatter(-1, ids, 0.0).sum(-1).log()
+    torch.testing.assert_close(div.student_tail_logmass, outside)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bucket_is_a_lower_bound(seed: int) -> None:
+    n, vocab = 16, 40
+    for k in (1, 5, 20):
+        p, ids, top_lp, tail = make_teacher(n, vocab, k, seed=seed, scale=4.0)
+        logits = student_logits(n, vocab, seed=seed)
+        div = topk_divergences(logits, ids, top_lp, tail, None, mode="bucket")
+        fkl, rkl = exact_kl(p, logits.softmax(-1))
+        assert (div.fkl <= fkl + 1e-12).all()
+        assert (div.rkl <= rkl + 1e-12).all()
+
+
+def test_hand_worked_example() -> None:
+    # V = 4. Teacher p = (1/2, 1/4, 1/8, 1/8), cached top-2 = ids (0, 1), tail mass 1/4.
+    # Student q = (1/2, 1/8, 1/4, 1/8): mass 3/8 outside the teacher's top-2.
+    # bucket: p = (1/2, 1/4, 1/4), q = (1/2, 1/8, 3/8)
+    #   FKL = 1/4 ln(1/4 / 1/8) + 1/4 ln(1/4 / 3/8) = 1/4 ln 2 + 1/4 ln(2/3) = 1/4 ln(4/3)
+    #   RKL = 1/8 ln(1/8 / 1/4) + 3/8 ln(3/8 / 1/4) = -1/8 ln 2 + 3/8 ln(3/2)
+    # uniform: the tail 1/4 over ids 2 and 3 gives 1/8 each, which is p itself, so exact:
+    #   FKL = 1/4 ln(1/4 / 1/8) + 1/8 ln(1/8 / 1/4) + 0 = 1/8 ln 2
+    #   RKL = 1/8 ln(1/8 / 1/4) + 1/4 ln(1/4 / 1/8) + 0 = 1/8 ln 2
+    # renormalize: p' = (2/3, 1/3) against the full q for FKL:
+    #   FKL = 2/3 ln(2/3 / 1/2) + 1/3 ln(1/3 / 1/8) = 2/3 ln(4/3) + 1/3 ln(8/3)
+    #   q restricted to ids (0, 1) and renormalised: q' = (4/5, 1/5)
+    #   RKL = 4/5 ln(4/5 / 2/3) + 1/5 ln(1/5 / 1/3) = 4/5 ln(6/5) + 1/5 ln(3/5)
+    expected = {
+        "bucket": (0.25 * math.log(4 / 3), -0.125 * math.log(2) + 0.375 * math.log(1.5)),
+        "uniform": (0.125 * math.log(2), 0.125 * math.log(2)),
+        "renormalize": (
+            2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(8 / 3),
+            0.8 * math.log(1.2) + 0.2 * math.log(0.6),
+        ),
+    }
+    logits = torch.tensor([[0.5, 0.125, 0.25, 0.125]], dtype=F64).log() + 7.0  # shift-invariant
+    ids = torch.tensor([[0, 1]])
+    top_lp = torch.tensor([[0.5, 0.25]], dtype=F64).log()
+    tail = torch.tensor([0.25], dtype=F64).log()
+    for mode, (fkl, rkl) in expected.items():
+        div = topk_divergences(logits, ids, top_lp, tail, None, mode=mode)
+        assert div.fkl.item() == pytest.approx(fkl, rel=1e-12), mode
+        assert div.rkl.item() == pytest.approx(rkl, rel=1e-12), mode
+        assert div.student_tail_logmass.item() == pytest.approx(math.log(0.375), rel=1e-12)
+    # Sanity on the hand numbers themselves: bucket below exact, exact equals uniform here.
+    assert expected["bucket"][0] < expected["uniform"][0]
+    assert expected["bucket"][1] < expected["uniform"][1]
+
+
+@pytest.mark.parametrize("mode", TAIL_MODES)
+@pytest.mark.parametrize("k", [3, 7])
+def test_gradcheck_topk_divergences(mode: str, k: int) -> None:
+    n, vocab = 3, 7
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=2)
+    logits = student_logits(n, vocab, seed=2).requires_grad_()
+    mask = torch.tensor([True, False, True])
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        div = topk_divergences(x, ids, top_lp, tail, mask, temperature=1.7, mode=mode)
+        return div.fkl, div.rkl
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+@pytest.mark.parametrize("mode", TAIL_MODES)
+def test_masked_positions_contribute_nothing(mode: str) -> None:
+    n, vocab, k = 6, 12, 4
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=3)
+    mask = torch.tensor([True, False, True, True, False, True])
+    # Padding rows carry garbage the loss must never read.
+    ids[~mask] = -100
+    top_lp[~mask] = math.nan
+    tail[~mask] = math.nan
+    logits = student_logits(n, vocab, seed=3).requires_grad_()
+    div = topk_divergences(logits, ids, top_lp, tail, mask, mode=mode)
+    assert (div.fkl[~mask] == 0).all() and (div.rkl[~mask] == 0).all()
+    assert (div.fkl[mask] > 0).all() and (div.rkl[mask] > 0).all()
+    (div.fkl + div.rkl).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[~mask] == 0).all()
+    assert (logits.grad[mask].abs() > 0).any()
+
+
+def test_leading_batch_dims() -> None:
+    b, s, vocab, k = 2, 3, 9, 4
+    _, ids, top_lp, tail = make_teacher(b * s, vocab, k, seed=4)
+    logits = student_logits(b * s, vocab, seed=4)
+    mask = torch.rand(b * s, generator=torch.Generator().manual_seed(4)) > 0.3
+    flat = topk_divergences(logits, ids, top_lp, tail, mask)
+    batched = topk_divergences(
+        logits.view(b, s, vocab),
+        ids.view(b, s, k),
+        top_lp.view(b, s, k),
+        tail.view(b, s),
+        mask.view(b, s),
+    )
+    for got, want in zip(batched, flat, strict=True):
+        assert got.shape == (b, s)
+        torch.testing.assert_close(got.reshape(-1), want)
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "uniform"])
+def test_rkl_is_nonnegative(mode: str) -> None:
+    for seed in range(4):
+        _, ids, top_lp, tail = make_teacher(32, 30, 6, seed=seed, scale=5.0)
+        for scale in (0.01, 1.0, 8.0):
+            logits = student_logits(32, 30, seed=seed, scale=scale).float()
+            div = topk_divergences(logits, ids, top_lp.float(), tail.float(), None, mode=mode)
+            assert (div.rkl >= 0).all() and (div.fkl >= 0).all()
+
+
+def test_empty_teacher_tail_stays_finite() -> None:
+    # k < V but the cached tail rounded to zero: RKL must stay finite for every mode.
+    _, ids, top_lp, _ = make_teacher(4, 10, 3, seed=5)
+    tail = torch.full((4,), -math.inf, dtype=F64)
+    logits = student_logits(4, 10, seed=5).requires_grad_()
+    for mode in TAIL_MODES:
+        div = topk_divergences(logits, ids, top_lp, tail, None, mode=mode)
+        (div.fkl + div.rkl).sum().backward()
+        assert torch.isfinite(div.fkl).all() and torch.isfinite(div.rkl).all()
+        assert torch.isfinite(logits.grad).all()
+
+
+def test_t2_scale() -> None:
+    _, ids, top_lp, tail = make_teacher(4, 10, 3, seed=6)
+    logits = student_logits(4, 10, seed=6)
+    plain = topk_divergences(logits, ids, top_lp, tail, None, temperature=3.0)
+    scaled = topk_divergences(logits, ids, top_lp, tail, None, temperature=3.0, t2_scale=True)
+    torch.testing.assert_close(scaled.fkl, 9.0 * plain.fkl)
+    torch.testing.assert_close(scaled.rkl, 9.0 * plain.rkl)
+
+
+def test_temper_teacher_identity_at_t1() -> None:
+    _, _, top_lp, tail = make_teacher(5, 20, 4, seed=7)
+    top_t, tail_t = temper_teacher(top_lp, tail, 1.0, 20)
+    torch.testing.assert_close(top_t, top_lp)
+    torch.testing.assert_close(tail_t, tail)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temper_teacher_with_uniform_tail_is_exact(temperature: float) -> None:
+    n, vocab, k = 5, 20, 4
+    gen = torch.Generator().manual_seed(8)
+    # Top-k logits above 1, every tail logit equal to 0: the tail really is uniform.
+    logits = torch.zeros(n, vocab, dtype=F64)
+    logits[:, :k] = 1.0 + 3.0 * torch.rand(n, k, generator=gen, dtype=F64)
+    ids = torch.arange(k).expand(n, k)
+    p1 = logits.log_softmax(-1)
+    tail1 = p1[:, k:].exp().sum(-1).log()
+    top_t, tail_t = temper_teacher(p1[:, :k], tail1, temperature, vocab)
+    exact = (logits / temperature).log_softmax(-1)
+    torch.testing.assert_close(top_t, exact.gather(-1, ids))
+    torch.testing.assert_close(tail_t, exact[:, k:].exp().sum(-1).log())
+    # k = V: nothing to assume, plain renormalisation of the tempered log-probs.
+    top_full, tail_full = temper_teacher(p1, torch.full((n,), -math.inf, dtype=F64), 2.0, vocab)
+    torch.testing.assert_close(top_full, (logits / 2.0).log_softmax(-1))
+    assert torch.isneginf(tail_full).all()
+
+
+def fused_problem(
+    n: int, vocab: int, hidden_size: int, k: int, *, seed: int, dtype: torch.dtype = F64
+) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=seed)
+    mask = torch.rand(n, generator=gen) > 0.25
+    beta = 0.3
+    return {
+        "hidden": torch.randn(n, hidden_size, generator=gen, dtype=F64).to(dtype),
+        "weight": (torch.randn(vocab, hidden_size, generator=gen, dtype=F64) * 0.5).to(dtype),
+        "bias": (torch.randn(vocab, generator=gen, dtype=F64) * 0.1).to(dtype),
+        "ids": ids,
+        "top_lp": top_lp.float(),
+        "tail": tail.float(),
+        "mask": mask,
+        "fkl_coef": (1 - beta) * mask.to(F64) / mask.sum(),
+        "rkl_coef": beta * mask.to(F64) / mask.sum(),
+        "ce_coef": 0.5 * mask.to(F64) / mask.sum(),
+        "targets": torch.where(mask, torch.randint(vocab, (n,), generator=gen), -100),
+    }
+
+
+def naive_loss(
+    prob: dict[str, torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    with_ce: bool,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full logits, then `topk_divergences`, then the weighted sum the fused path must equal."""
+    logits = hidden @ weight.T if bias is None else hidden @ weight.T + bias
+    div = topk_divergences(
+        logits, prob["ids"], prob["top_lp"], prob["tail"], prob["mask"], **kwargs
+    )
+    loss = (prob["fkl_coef"] * div.fkl + prob["rkl_coef"] * div.rkl).sum()
+    if with_ce:
+        targets = prob["targets"].clamp_min(0)
+        nll = logits.logsumexp(-1) - logits.gather(-1, targets[:, None])[:, 0]
+        loss = loss + (prob["ce_coef"] * nll).sum()
+    return loss, div.fkl, div.rkl
+
+
+def run_fused(
+    prob: dict[str, torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    with_ce: bool,
+    **kwargs: object,
+):
+    return fused_divergence_loss(
+        hidden,
+        weight,
+        bias,
+        prob["ids"],
+        prob["top_lp"],
+        prob["tail"],
+        fkl_coef=prob["fkl_coef"],
+        rkl_coef=prob["rkl_coef"],
+        ce_coef=prob["ce_coef"] if with_ce else None,
+        target_ids=prob["targets"] if with_ce else None,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("mode", TAIL_MODES)
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize(("temperature", "k"), [(1.0, 5), (1.5, 5), (1.0, 40), (2.0, 40)])
+def test_fused_equals_naive(
+    mode: str, chunk_size: int, with_ce: bool, temperature: float, k: int
+) -> None:
+    prob = fused_problem(23, 40, 8, k, seed=9)
+    kwargs = {"temperature": temperature, "mode": mode, "t2_scale": True}
+    leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    loss, fkl, rkl = naive_loss(prob, *leaves, with_ce=with_ce, **kwargs)
+    loss.backward()
+    want_grads = [leaf.grad for leaf in leaves]
+
+    leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    got, div = run_fused(prob, *leaves, with_ce=with_ce, chunk_size=chunk_size, **kwargs)
+    got.backward()
+    torch.testing.assert_close(got, loss)
+    torch.testing.assert_close(div.fkl, fkl)
+    torch.testing.assert_close(div.rkl, rkl)
+    assert not div.fkl.requires_grad and not div.rkl.requires_grad
+    for leaf, want in zip(leaves, want_grads, strict=True):
+        torch.testing.assert_close(leaf.grad, want)
+    assert (leaves[0].grad[~prob["mask"]] == 0).all()
+
+
+def test_fused_frozen_weight_and_no_bias() -> None:
+    prob = fused_problem(19, 30, 6, 4, seed=10)
+    hidden = prob["hidden"].clone().requires_grad_()
+    loss, _, _ = naive_loss(prob, hidden, prob["weight"], None, with_ce=True)
+    loss.backward()
+    want = hidden.grad
+
+    hidden = prob["hidden"].clone().requires_grad_()
+    weight = prob["weight"].clone()  # frozen, as a LoRA lm head
+    got, _ = run_fused(prob, hidden, weight, None, with_ce=True, chunk_size=4)
+    got.backward()
+    torch.testing.assert_close(got, loss)
+    torch.testing.assert_close(hidden.grad, want)
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_gradcheck(masked: bool) -> None:
+    prob = fused_problem(5, 7, 2, 3, seed=11)
+    targets = prob["targets"].clamp_min(0)
+    names = ("hidden", "weight", "bias", "fkl_coef", "rkl_coef", "ce_coef")
+    if not masked:
+        # Coefficients as inputs: d loss / d coef is the term itself, checked where active
+        # (a position whose coefficients are all zero is skipped and reports a zero term).
+        for name in names[3:]:
+            prob[name] = prob[name] + 0.1
+
+    def fn(hidden, weight, bias, fkl_coef, rkl_coef, ce_coef):
+        loss, _ = fused_divergence_loss(
+            hidden,
+            weight,
+            bias,
+            prob["ids"],
+            prob["top_lp"],
+            prob["tail"],
+            fkl_coef=fkl_coef,
+            rkl_coef=rkl_coef,
+            ce_coef=ce_coef,
+            target_ids=targets,
+            temperature=0.8,
+            chunk_size=3,
+        )
+        return loss
+
+    inputs = tuple(
+        prob[name].clone().requires_grad_(i < 3 or not masked) for i, name in enumerate(names)
+    )
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_fused_low_precision_hidden() -> None:
+    prob = fused_problem(21, 50, 16, 5, seed=12, dtype=torch.bfloat16)
+    leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    loss, div = run_fused(prob, *leaves, with_ce=True, chunk_size=8)
+    loss.backward()
+    assert loss.dtype == torch.float32 and div.fkl.dtype == torch.float32
+    assert [leaf.grad.dtype for leaf in leaves] == [torch.bfloat16] * 3
+
+    ref = [leaf.detach().float().requires_grad_() for leaf in leaves]
+    want, _, _ = naive_loss(prob, *ref, with_ce=True)
+    want.backward()
+    torch.testing.assert_close(loss, want.float(), rtol=2e-2, atol=2e-2)
+    for leaf, r in zip(leaves, ref, strict=True):
+        torch.testing.assert_close(leaf.grad.float(), r.grad.float(), rtol=5e-2, atol=5e-3)
+
+
+def test_fused_all_positions_inactive() -> None:
+    prob = fused_problem(5, 10, 4, 3, seed=13)
+    hidden = prob["hidden"].clone().requires_grad_()
+    zero = torch.zeros(5, dtype=F64)
+    loss, div = fused_divergence_loss(
+        hidden,
+        prob["weight"],
+        None,
+        prob["ids"],
+        prob["top_lp"],
+        prob["tail"],
+        fkl_coef=zero,
+        rkl_coef=zero,
+    )
+    loss.backward()
+    assert loss.item() == 0 and (div.fkl == 0).all() and (hidden.grad == 0).all()

@@ -1,0 +1,131 @@
+"""Stage 2 training: the loss against a naive computation, determinism, resume, resets, LoRA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from akd_cache.config import CacheConfig, DataConfig, Experiment, LoraSettings, TeacherConfig, TrainConfig
+from akd_cache.data.instructions import Example
+from akd_cache.store.reader import TeacherCache, collate
+from akd_cache.store.writer import fill
+from akd_cache.student.divergence import topk_divergences
+from akd_cache.student.run import train_experiment
+from akd_cache.student.trainer import DistillationModule
+from akd_cache.teacher.build import make_ingredients, tokenize_split
+from akd_cache.teacher.hf_backend import HFTeacher
+
+K = 16
+N_SAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def cache_and_student(tiny_models, codealpaca_rows, tmp_path_factory):
+    """A llama teacher's cache; the student is the GPTBigCode model with the same tokenizer."""
+    teacher = str(tiny_models["llama"])
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
+                for i, r in enumerate(codealpaca_rows[:N_SAMPLES])]
+    cache_cfg = CacheConfig(k=K, max_length=128)
+    split = tokenize_split(tokenizer, examples, cache_cfg)
+    ingredients = make_ingredients(
+        teacher=TeacherConfig(model=teacher), teacher_path=teacher, tokenizer=tokenizer,
+        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
+        cache=cache_cfg,
+    )
+    location = str(tmp_path_factory.mktemp("cache") / "c")
+    assert fill(location, split.samples, ingredients, len(tokenizer),
+                lambda: HFTeacher(teacher, k=K), shard_rows=1024)
+    return location, str(tiny_models["gpt_bigcode"])
+
+
+TRAIN = TrainConfig(batch_size=4, max_steps=4, save_steps=2, lr=1e-3, chunk_size=37)
+
+
+def run(cache_and_student, out, experiment, train=TRAIN, name="x"):
+    location, student = cache_and_student
+    return train_experiment(location, student, experiment, train, out, name)
+
+
+@pytest.mark.parametrize("method,beta", [("akd", 0.3), ("kd", 0.0), ("rkd", 1.0), ("sft", 0.0)])
+def test_step_loss_equals_a_naive_full_vocabulary_computation(cache_and_student, method, beta):
+    location, student_path = cache_and_student
+    cache = TeacherCache(location)
+    batch = collate([cache[i] for i in range(4)])
+    student = AutoModelForCausalLM.from_pretrained(student_path)
+    module = DistillationModule(student, Experiment(method=method), TRAIN)
+    out = module(**batch, beta=torch.tensor(beta))
+    logits = student(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).logits.double()
+    per_sample = []
+    for b in range(4):
+        rows = batch["loss_mask"][b]
+        div = topk_divergences(logits[b][rows], batch["topk_ids"][b][rows],
+                               batch["topk_logprobs"][b][rows].double(),
+                               batch["tail_logmass"][b][rows].double(),
+                               torch.ones(int(rows.sum()), dtype=torch.bool))
+        ce = torch.nn.functional.cross_entropy(logits[b][rows], batch["labels"][b][rows])
+        mix = beta * div.rkl.mean() + (1 - beta) * div.fkl.mean()
+        per_sample.append(ce if method == "sft" else mix)
+        if b == 0:
+            first = div
+    assert out.loss.item() == pytest.approx(torch.stack(per_sample).mean().item(), rel=2e-4)
+    assert first.fkl.mean().item() > 0
+
+
+def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_path):
+    experiment = Experiment(method="akd", beta=0.1)
+    straight = run(cache_and_student, tmp_path / "a", experiment)
+    again = run(cache_and_student, tmp_path / "b", experiment)
+    weights_a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+    assert straight["final_beta"] == again["final_beta"] != 0.1
+    # interrupted after step 2: drop the later checkpoint and the model, resume from step 2
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = run(cache_and_student, tmp_path / "b", experiment)
+    weights_r = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.allclose(weights_a[n], weights_r[n], atol=1e-6) for n in weights_a)
+    assert resumed["final_beta"] == pytest.approx(straight["final_beta"], abs=1e-9)
+    assert resumed["steps"] == straight["steps"] == 4
+
+
+def test_m3_resets_beta_at_each_epoch_start_only(cache_and_student, tmp_path):
+    train = TrainConfig(batch_size=4, epochs=3, save_steps=100, lr=1e-3)
+    run(cache_and_student, tmp_path, Experiment(method="akd", beta=0.3), train)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    used = [e["beta_used"] for e in log if "beta_used" in e]
+    steps_per_epoch = N_SAMPLES // 4
+    assert len(used) == 3 * steps_per_epoch
+    assert used[0] == pytest.approx(0.3)
+    for epoch in (1, 2):
+        first = used[epoch * steps_per_epoch]
+        assert min(abs(first - 0.1), abs(first - 0.6)) < 1e-6  # reset by choice
+    for step in range(1, len(used)):
+        if step % steps_per_epoch:  # within an epoch beta moves by about one lr, never jumps
+            assert abs(used[step] - used[step - 1]) < 0.02
+
+
+def test_lora_trains_only_the_adapters(cache_and_student, tmp_path):
+    location, student_path = cache_and_student
+    experiment = Experiment(method="kd", lora=LoraSettings(rank=4))
+    run(cache_and_student, tmp_path, experiment, TrainConfig(batch_size=4, max_steps=2, lr=1e-2))
+    adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
+    assert adapter and all("lora" in name for name in adapter)
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)
+
+
+def test_a_student_with_another_tokenizer_is_refused(cache_and_student, tmp_path, codealpaca_rows):
+    from akd_cache.models.tiny import save_tiny
+    from akd_cache.store.reader import CacheError
+
+    other = save_tiny("llama", [r["output"] for r in codealpaca_rows[:200]], tmp_path / "m", 300)
+    with pytest.raises(CacheError, match="tokenizer"):
+        train_experiment(cache_and_student[0], str(other), Experiment(method="kd"), TRAIN,
+                         tmp_path / "out", "x")
