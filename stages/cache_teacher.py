@@ -22,6 +22,7 @@ from akd_cache.teacher.build import (
 )
 from stages.common import (
     PREPARED_DIR,
+    TEACHER_CACHE_DROPPED,
     TEACHER_CACHE_POINTER,
     load_stage_profile,
     stage_args,
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_path = resolve_model(profile.teacher.model)
     tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
     split = tokenize_split(tokenizer, read_examples(PREPARED_DIR / "train.jsonl"), profile.cache)
-    write_jsonl(PREPARED_DIR / "dropped_tokenize.jsonl", split.dropped)
+    write_jsonl(TEACHER_CACHE_DROPPED, split.dropped)
     summary = json.loads((PREPARED_DIR / "summary.json").read_text())
     ingredients = make_ingredients(
         teacher=profile.teacher, teacher_path=teacher_path, tokenizer=tokenizer,
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     location = cache_location(profile.cache.root, ingredients.key())
     print(f"cache_teacher: {len(split.samples)} samples ({len(split.dropped)} dropped as too "
-          f"long), cache {location}")
+          f"long, listed in {TEACHER_CACHE_DROPPED}), cache {location}")
     vocab_size = AutoConfig.from_pretrained(teacher_path, revision=profile.teacher.revision).vocab_size
     complete = fill(
         location, split.samples, ingredients, max(vocab_size, len(tokenizer)),

@@ -11,6 +11,7 @@ from akd_cache.config import Profile, load_params
 PREPARED_DIR = Path("data/prepared")
 RUNS_DIR = Path("runs")
 TEACHER_CACHE_POINTER = RUNS_DIR / "teacher_cache.json"
+TEACHER_CACHE_DROPPED = RUNS_DIR / "teacher_cache_dropped.jsonl"
 
 
 def stage_args(description: str) -> argparse.ArgumentParser:
