@@ -1,0 +1,108 @@
+"""From a model's completion to the program evalplus scores.
+
+Order: cut at the first stop sequence, take the code out of a fenced block (or the raw text),
+re-attach the task's own code when the model only continued the function body, then run
+evalplus's sanitizer with the entry point. An empty completion gives an empty solution (never the
+bare prompt), so the taxonomy can still tell "nothing generated" apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from evalplus.sanitize import sanitize
+
+from akd_cache.evaluation.problems import Problem
+
+FENCE = "```"
+DEFAULT_STOPS: tuple[str, ...] = (
+    "\n### Instruction",
+    "\n### Input",
+    "\n### Response",
+    "\n```\n",
+    "<|endoftext|>",
+)
+_FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def find_stop(text: str, stops: tuple[str, ...] = DEFAULT_STOPS) -> int | None:
+    """Index of the earliest stop. A stop holding a fence only counts where the fence closes a
+    block (an odd number of fences before it): "\\n```\\n" must not end a reply that opens a
+    bare fenced block."""
+    best: int | None = None
+    for stop in stops:
+        start = 0
+        while (i := text.find(stop, start)) != -1:
+            closes = FENCE not in stop or text[: i + stop.index(FENCE)].count(FENCE) % 2 == 1
+            if closes:
+                best = i if best is None else min(best, i)
+                break
+            start = i + 1
+    return best
+
+
+def truncate_at_stops(text: str, stops: tuple[str, ...] = DEFAULT_STOPS) -> str:
+    cut = find_stop(text, stops)
+    return text if cut is None else text[:cut]
+
+
+def extract_code(text: str) -> str:
+    """The first fenced block (closed or cut off), else the text itself."""
+    match = _FENCED.search(text)
+    return match.group(1) if match else text
+
+
+def defines(code: str, name: str) -> bool:
+    return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+
+
+def prompt_imports(prompt: str) -> str:
+    """The task's top-level imports (HumanEval's `from typing import List`, ...)."""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return ""
+    nodes = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    return "".join(ast.get_source_segment(prompt, n) + "\n" for n in nodes)
+
+
+def _entry_point_source(code: str, name: str) -> str:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return ""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+            return ast.get_source_segment(code, node) or ""
+    return ""
+
+
+def to_solution(
+    completion: str,
+    problem: Problem,
+    stops: tuple[str, ...] = DEFAULT_STOPS,
+    keep_prompt_imports: bool = True,
+) -> str:
+    """The program to score. A completion whose first line is indented continues the prompt's
+    function (FIM or completion-style models) and is appended to the prompt. With
+    `keep_prompt_imports` the task's own imports precede a rewritten function: models often
+    drop them, and the task gave them; a NameError for a missing import then only counts
+    imports the model itself needed."""
+    code = extract_code(truncate_at_stops(completion, stops))
+    if not code.strip():
+        return ""
+    if not defines(code, problem.entry_point):
+        first = next(line for line in code.splitlines() if line.strip())
+        if first[:1].isspace():
+            code = problem.prompt + code
+    elif keep_prompt_imports:
+        code = prompt_imports(problem.prompt) + code
+    sanitized = sanitize(code, problem.entry_point)
+    if defines(sanitized, problem.entry_point) or not defines(code, problem.entry_point):
+        return sanitized
+    # The sanitizer dropped the entry point. It drops functions without a `return` (an empty
+    # `pass` body) and code that does not parse (an output cut off): keep the function, or the
+    # unparsable code, so the failure shows as what it is, not as a missing function.
+    kept = _entry_point_source(code, problem.entry_point)
+    return "\n\n".join(s for s in (sanitized, kept) if s) if kept else code

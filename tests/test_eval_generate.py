@@ -1,0 +1,147 @@
+"""Generation for evaluation (tiny random model), prompts, and completion post-processing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from akd_cache.evaluation import generate as gen
+from akd_cache.evaluation.generate import (
+    GenerationConfig,
+    generate_completions,
+    generate_samples,
+    load_model,
+)
+from akd_cache.evaluation.postprocess import find_stop, to_solution, truncate_at_stops
+from akd_cache.evaluation.problems import build_prompt, load_problems
+
+EVALPLUS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evalplus"
+PROMPTS = [
+    "def add(a, b):",
+    "Write a function that sorts a list of numbers in ascending order and returns it.",
+    "x",
+    "### Instruction:\nReverse a string.\n### Response:",
+    "Below is an instruction that describes a task.",
+]
+NEW_TOKENS = 16
+NO_STOPS = GenerationConfig(max_new_tokens=NEW_TOKENS, batch_size=len(PROMPTS), stops=())
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return load_model(tiny_models["llama"])
+
+
+@pytest.fixture(scope="module")
+def unstopped(llama):
+    return generate_completions(*llama, PROMPTS, NO_STOPS)
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return {p.task_id: p for p in load_problems("humaneval", EVALPLUS_DATA)}
+
+
+def test_batched_left_padded_greedy_equals_one_by_one(llama, unstopped):
+    model, tokenizer = llama
+    lengths = {len(tokenizer(p)["input_ids"]) for p in PROMPTS}
+    assert len(lengths) > 1, "prompts of one length would not exercise the padding"
+    one_by_one = GenerationConfig(max_new_tokens=NEW_TOKENS, batch_size=1, stops=())
+    assert generate_completions(model, tokenizer, PROMPTS, one_by_one) == unstopped
+    assert all(c.truncated for [c] in unstopped)
+
+
+def test_stop_strings_cut_the_output(llama, unstopped):
+    """A stop taken from the middle of each unstopped output: generation ends there."""
+    model, tokenizer = llama
+    text = unstopped[1][0].text
+    stop = re.search(r"[A-Za-z]{2,}", text[3:]).group(0)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, stops=(stop,))
+    [[completion]] = generate_completions(model, tokenizer, [PROMPTS[1]], config)
+    assert completion.text == text[: text.index(stop)]
+    assert not completion.truncated
+
+
+def test_sampling_needs_a_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(n_samples=2)
+
+
+def test_samples_file_is_written_and_resumed(tiny_models, tmp_path, monkeypatch):
+    out = tmp_path / "samples.jsonl"
+    config = GenerationConfig(max_new_tokens=4, batch_size=2)
+    args = (tiny_models["llama"], "humaneval", out, "alpaca", EVALPLUS_DATA, 3, 0, config)
+    generate_samples(*args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    assert {"task_id", "solution", "raw", "truncated"} <= set(rows[0])
+    before = out.read_text()
+
+    def must_not_load(*_args, **_kwargs):
+        raise AssertionError("every task is done: no model should be loaded")
+
+    monkeypatch.setattr(gen, "load_model", must_not_load)
+    generate_samples(*args)
+    assert out.read_text() == before
+
+
+def test_prompts_follow_the_templates(humaneval):
+    problem = humaneval["HumanEval/0"]
+    prompt = build_prompt(problem, "alpaca")
+    assert prompt.startswith("Below is an instruction")
+    assert "def has_close_elements(" in prompt and prompt.endswith("### Response:")
+    mbpp = load_problems("mbpp", EVALPLUS_DATA, n=1, seed=0)[0]
+    instruct = build_prompt(mbpp, "instruct_eval")
+    assert instruct.startswith("Please complete the following Python code")
+    assert f"assert {mbpp.entry_point}(" in instruct
+
+
+def test_seeded_subset_is_stable():
+    first = [p.task_id for p in load_problems("mbpp", EVALPLUS_DATA, n=5, seed=3)]
+    again = [p.task_id for p in load_problems("mbpp", EVALPLUS_DATA, n=5, seed=3)]
+    assert first == again and len(set(first)) == 5
+
+
+def test_fence_stop_ends_only_a_closing_fence():
+    reply = "Here:\n```\ndef f():\n    return 1\n```\nExplanation"
+    assert truncate_at_stops(reply) == "Here:\n```\ndef f():\n    return 1"
+    assert find_stop("```python\nx = 1\n```\n") == len("```python\nx = 1")
+    assert find_stop("a\n### Instruction: more") == 1
+
+
+def test_solution_from_a_fenced_reply(humaneval):
+    problem = humaneval["HumanEval/0"]
+    reply = (
+        "Sure.\n```python\ndef has_close_elements(numbers: List[float], threshold: float):\n"
+        "    return False\n\nprint(has_close_elements([], 1))\n```\nIt works.\n### Instruction"
+    )
+    solution = to_solution(reply, problem)
+    assert solution.startswith("from typing import List\n")
+    assert "print(" not in solution and "It works" not in solution
+
+
+def test_body_only_completion_continues_the_prompt(humaneval):
+    problem = humaneval["HumanEval/2"]
+    solution = to_solution("    return number % 1.0\n", problem)
+    assert solution.startswith("def truncate_number(") and solution.endswith("return number % 1.0")
+
+
+def test_empty_completion_stays_empty(humaneval):
+    assert to_solution("  \n<|endoftext|>", humaneval["HumanEval/0"]) == ""
+
+
+def test_sanitizer_keeps_an_empty_entry_point(humaneval):
+    """evalplus drops functions without `return`; the taxonomy needs them as empty functions."""
+    problem = humaneval["HumanEval/0"]
+    solution = to_solution("def has_close_elements(numbers, threshold):\n    pass\n", problem)
+    assert "def has_close_elements(numbers, threshold):\n    pass" in solution
+
+
+def test_cut_off_code_is_kept_unparsed(humaneval):
+    solution = to_solution(
+        "def has_close_elements(numbers, threshold):\n    return (", humaneval["HumanEval/0"]
+    )
+    assert solution.endswith("return (")
