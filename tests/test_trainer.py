@@ -129,3 +129,13 @@ def test_a_student_with_another_tokenizer_is_refused(cache_and_student, tmp_path
     with pytest.raises(CacheError, match="tokenizer"):
         train_experiment(cache_and_student[0], str(other), Experiment(method="kd"), TRAIN,
                          tmp_path / "out", "x")
+
+
+def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_path):
+    first = run(cache_and_student, tmp_path, Experiment(method="kd"))
+    assert first["steps"] == 4
+    changed = TrainConfig(batch_size=4, max_steps=4, save_steps=2, lr=5e-4, chunk_size=37)
+    second = run(cache_and_student, tmp_path, Experiment(method="kd"), changed)
+    assert second["steps"] == 4 and second["train_loss"] != first["train_loss"]
+    log = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len([line for line in log if '"fkl"' in line]) == 4  # the old run's log is gone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +23,21 @@ from akd_cache.student.trainer import (
 )
 
 
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+def discard_stale_checkpoints(out: Path, settings: dict) -> None:
+    """Resume only what these exact settings started: other checkpoints and logs are removed."""
+    marker = out / RUN_SETTINGS_FILE
+    current = json.dumps(settings, sort_keys=True)
+    if marker.exists() and marker.read_text() == current:
+        return
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "log.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(current)
+
+
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
     out: Path, name: str,
@@ -35,6 +52,10 @@ def train_experiment(
     controller = BetaController(variant, beta_init=beta, reset=experiment.beta_reset,
                                 seed=train.seed)
     checkpoints = out / "checkpoints"
+    discard_stale_checkpoints(out, {
+        "cache_key": cache.key, "student": student_path,
+        "experiment": experiment.model_dump(), "train": train.model_dump(),
+    })
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train),
         args=training_arguments(train, checkpoints),
@@ -46,8 +67,6 @@ def train_experiment(
     checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
     if checkpoint:
         load_beta_state(controller, Path(checkpoint))
-    else:
-        (out / "log.jsonl").unlink(missing_ok=True)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
