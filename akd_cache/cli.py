@@ -11,6 +11,9 @@ STAGES = {
     "models": "stages.models",
     "cache-teacher": "stages.cache_teacher",
     "train": "stages.train",
+    "template-analysis": "stages.template_analysis",
+    "evaluate": "stages.evaluate",
+    "report": "stages.report",
 }
 
 

@@ -117,12 +117,41 @@ class Experiment(Strict):
     lora: LoraSettings | None = None
 
 
+class EvalConfig(Strict):
+    """HumanEval(+) / MBPP(+) with evalplus (METHOD.md section 6)."""
+
+    data_dir: str | None = Field(
+        None, description="folder with HumanEvalPlus.jsonl.gz / MbppPlus.jsonl.gz; "
+        "None: evalplus's own download"
+    )
+    datasets: list[Literal["humaneval", "mbpp"]] = ["humaneval", "mbpp"]
+    n_tasks: int | None = Field(None, gt=0, description="a seeded subset of tasks, for demos")
+    seed: int = 0
+    template: TemplateName = "alpaca"
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(8, gt=0)
+    n_samples: int = Field(1, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0: greedy pass@1")
+    backend: Literal["hf", "vllm"] = "hf"
+    taxonomy_workers: int = Field(2, gt=0)
+
+
+class TemplateAnalysisConfig(Strict):
+    """The paper's Table 9: the teacher on the same samples under every template."""
+
+    n_samples: int = Field(200, gt=0)
+    seed: int = 0
+    root: str = "storage/template-caches"
+
+
 class Profile(Strict):
     data: DataConfig
     teacher: TeacherConfig
     student: StudentInit
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    template_analysis: TemplateAnalysisConfig = TemplateAnalysisConfig()
 
 
 class Params(Strict):

@@ -19,6 +19,14 @@ def real_row_mask(row_start: np.ndarray, n_rows: np.ndarray, n_rows_padded: int)
     return np.cumsum(mask[:-1]).astype(bool)
 
 
+def row_entropy(logprobs: np.ndarray, tail_logmass: np.ndarray) -> np.ndarray:
+    """Entropy in nats of each row's top-k + tail buckets: a lower bound of the teacher's."""
+    lp = logprobs.astype(np.float64)
+    tail = tail_logmass.astype(np.float64)
+    tail_p = np.exp(tail)
+    return -(np.exp(lp) * lp).sum(1) - np.where(tail_p > 0, tail_p * tail, 0.0)
+
+
 def cache_stats(group: zarr.Group, location: str) -> dict:
     samples = group["samples"]
     codes_arr = group["rows/codes"]
@@ -32,7 +40,7 @@ def cache_stats(group: zarr.Group, location: str) -> dict:
         lp = fmt.decode_logprobs(codes_arr[window][keep], tail).astype(np.float64)
         tail_p = np.exp(tail)
         topk_mass += float((1 - tail_p).sum())
-        entropy += float(-(np.exp(lp) * lp).sum() - np.where(tail_p > 0, tail_p * tail, 0).sum())
+        entropy += float(row_entropy(lp, tail).sum())
         with np.errstate(divide="ignore"):
             log10_tail = np.clip(np.log10(tail_p), TAIL_HIST_EDGES[0], TAIL_HIST_EDGES[-1])
         hist += np.histogram(log10_tail, bins=TAIL_HIST_EDGES)[0]

@@ -1,0 +1,71 @@
+"""Evaluate one model: generate, score with evalplus, classify the failures, write metrics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from akd_cache.config import EvalConfig
+from akd_cache.evaluation.generate import GenerationConfig, generate_samples
+from akd_cache.evaluation.problems import load_problems
+from akd_cache.evaluation.score import score
+from akd_cache.evaluation.taxonomy import attempts_from_scores, classify
+from akd_cache.store.key import weights_sha256
+
+
+def taxonomy_json(summary) -> dict:
+    return {
+        "total": summary.total,
+        "correct": summary.correct,
+        "complete": summary.complete,
+        "incomplete": summary.incomplete,
+        "pass_rate_complete": summary.pass_rate_complete,
+        "categories": dict(summary.categories),
+        "subcategories": {f"{cat}: {sub}": n for (cat, sub), n in summary.subcategories.items()},
+    }
+
+
+SETTINGS_FILE = "eval_settings.json"
+
+
+def discard_stale_samples(out: Path, settings: dict) -> None:
+    """Samples resume only under the same model weights and settings; others are removed."""
+    marker = out / SETTINGS_FILE
+    current = json.dumps(settings, sort_keys=True)
+    if marker.exists() and marker.read_text() == current:
+        return
+    for stale in out.glob("*.jsonl"):
+        stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(current)
+
+
+def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig) -> dict:
+    """Per dataset: samples (resumable), a fresh evalplus run, the taxonomy of the failures."""
+    discard_stale_samples(out, {"model": weights_sha256(str(model_dir)), "eval": cfg.model_dump()})
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    generation = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, n_samples=cfg.n_samples,
+        temperature=cfg.temperature, seed=cfg.seed,
+    )
+    datasets, taxonomy = {}, {}
+    for dataset in cfg.datasets:
+        samples = generate_samples(
+            model_dir, dataset, out / f"{dataset}_samples.jsonl", template=cfg.template,
+            data_dir=data_dir, n_tasks=cfg.n_tasks, seed=cfg.seed, config=generation,
+            use_vllm=cfg.backend == "vllm",
+        )
+        result = score(samples, dataset, data_dir=data_dir, allow_subset=cfg.n_tasks is not None)
+        problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
+        summary, rows = classify(attempts_from_scores(result.samples, problems),
+                                 workers=cfg.taxonomy_workers)
+        with open(out / f"{dataset}_taxonomy.jsonl", "w") as f:
+            f.writelines(json.dumps(asdict(row)) + "\n" for row in rows)
+        datasets[dataset] = {
+            "base_pass_at_1": result.base_pass_at_1,
+            "plus_pass_at_1": result.plus_pass_at_1,
+            "n_tasks": len(result.tasks),
+        }
+        taxonomy[dataset] = taxonomy_json(summary)
+    return {"datasets": datasets, "taxonomy": taxonomy}

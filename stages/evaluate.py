@@ -1,0 +1,43 @@
+"""Stage `evaluate`: pass@1 on HumanEval(+) / MBPP(+) and the error taxonomy of one model.
+
+    akd evaluate --model teacher | student | <experiment>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from akd_cache.config import load_params
+from akd_cache.evaluation.run import evaluate_model
+from akd_cache.models.resolve import resolve_model
+from stages.common import RUNS_DIR, stage_args, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_args(__doc__)
+    parser.add_argument("--model", required=True)
+    args = parser.parse_args(argv)
+    params = load_params(args.params, args.profile)
+    profile = params.active
+    if args.model == "teacher":
+        model_dir, kind, method = resolve_model(profile.teacher.model), "teacher", None
+    elif args.model == "student":
+        model_dir, kind, method = profile.student.model, "student", None
+    elif args.model in params.experiments:
+        model_dir = str(Path(profile.train.output_root) / args.model / "model")
+        kind, method = "trained", params.experiments[args.model].method
+    else:
+        raise SystemExit(f"{args.params}: --model {args.model!r} is neither teacher, student nor "
+                         f"an experiment ({', '.join(params.experiments)})")
+    out = RUNS_DIR / "eval" / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_model(Path(model_dir), out, profile.eval)
+    write_json(out / "metrics.json", {"model": args.model, "kind": kind, "method": method,
+                                      **result})
+    scores = ", ".join(f"{name} {d['base_pass_at_1']:.3f}/{d['plus_pass_at_1']:.3f}"
+                       for name, d in result["datasets"].items())
+    print(f"evaluate {args.model}: pass@1 base/plus {scores}")
+
+
+if __name__ == "__main__":
+    main()
