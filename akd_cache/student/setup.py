@@ -60,5 +60,6 @@ def training_arguments(train: TrainConfig, output_dir: Path) -> TrainingArgument
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
         disable_tqdm=False,
     )
