@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.store.writer import fill
 from akd_cache.student.divergence import topk_divergences
 from akd_cache.student.run import train_experiment
-from akd_cache.student.trainer import DistillationModule
+from akd_cache.student.trainer import DistillationModule, DistillTrainer
 from akd_cache.teacher.build import make_ingredients, tokenize_split
 from akd_cache.teacher.hf_backend import HFTeacher
 
@@ -78,7 +77,8 @@ def test_step_loss_equals_a_naive_full_vocabulary_computation(cache_and_student,
     assert first.fkl.mean().item() > 0
 
 
-def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_path):
+def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_path,
+                                                         monkeypatch):
     experiment = Experiment(method="akd", beta=0.1)
     straight = run(cache_and_student, tmp_path / "a", experiment)
     again = run(cache_and_student, tmp_path / "b", experiment)
@@ -86,11 +86,24 @@ def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_
     weights_b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
     assert straight["final_beta"] == again["final_beta"] != 0.1
-    # interrupted after step 2: drop the later checkpoint and the model, resume from step 2
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-4")
-    shutil.rmtree(tmp_path / "b" / "model")
-    resumed = run(cache_and_student, tmp_path / "b", experiment)
-    weights_r = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert not (tmp_path / "a" / "checkpoints").exists()  # the saved model supersedes them
+    # interrupted during step 3, after the step-2 checkpoint: the re-run resumes from it
+    calls = {"n": 0}
+    original = DistillTrainer.compute_loss
+
+    def crash_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "compute_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cache_and_student, tmp_path / "c", experiment)
+    monkeypatch.undo()
+    assert (tmp_path / "c" / "checkpoints" / "checkpoint-2" / "beta_state.pt").exists()
+    resumed = run(cache_and_student, tmp_path / "c", experiment)
+    weights_r = load_file(tmp_path / "c" / "model" / "model.safetensors")
     assert all(torch.allclose(weights_a[n], weights_r[n], atol=1e-6) for n in weights_a)
     assert resumed["final_beta"] == pytest.approx(straight["final_beta"], abs=1e-9)
     assert resumed["steps"] == straight["steps"] == 4

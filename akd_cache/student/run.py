@@ -72,6 +72,7 @@ def train_experiment(
     wall = time.perf_counter() - start
     student.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
     history = [e for e in trainer.state.log_history if "fkl" in e]
     return {
         "experiment": name,
