@@ -367,18 +367,15 @@ def test_fused_frozen_weight_and_no_bias() -> None:
     assert weight.grad is None
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_fused_gradcheck(masked: bool) -> None:
-    prob = fused_problem(5, 7, 2, 3, seed=11)
-    targets = prob["targets"].clamp_min(0)
-    names = ("hidden", "weight", "bias", "fkl_coef", "rkl_coef", "ce_coef")
-    if not masked:
-        # Coefficients as inputs: d loss / d coef is the term itself, checked where active
-        # (a position whose coefficients are all zero is skipped and reports a zero term).
-        for name in names[3:]:
-            prob[name] = prob[name] + 0.1
+FUSED_INPUTS = ("hidden", "weight", "bias", "fkl_coef", "rkl_coef", "ce_coef")
 
-    def fn(hidden, weight, bias, fkl_coef, rkl_coef, ce_coef):
+
+def fused_gradcheck(prob: dict[str, torch.Tensor], wrt: int, **kwargs: object) -> bool:
+    """gradcheck of the fused loss wrt the first `wrt` of FUSED_INPUTS (the rest held fixed)."""
+    targets = prob["targets"].clamp_min(0)
+
+    def fn(*args: torch.Tensor) -> torch.Tensor:
+        hidden, weight, bias, fkl_coef, rkl_coef, ce_coef = args
         loss, _ = fused_divergence_loss(
             hidden,
             weight,
@@ -390,15 +387,32 @@ def test_fused_gradcheck(masked: bool) -> None:
             rkl_coef=rkl_coef,
             ce_coef=ce_coef,
             target_ids=targets,
-            temperature=0.8,
             chunk_size=3,
+            **kwargs,
         )
         return loss
 
     inputs = tuple(
-        prob[name].clone().requires_grad_(i < 3 or not masked) for i, name in enumerate(names)
+        prob[name].clone().requires_grad_(i < wrt) for i, name in enumerate(FUSED_INPUTS)
     )
-    assert torch.autograd.gradcheck(fn, inputs)
+    return torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("mode", TAIL_MODES)
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_fused_gradcheck(mode: str, temperature: float) -> None:
+    # Masked positions included; T = 1 shares the softmax with the CE term, T != 1 does not.
+    prob = fused_problem(5, 7, 2, 3, seed=11)
+    assert fused_gradcheck(prob, 3, mode=mode, temperature=temperature, t2_scale=True)
+
+
+def test_fused_gradcheck_coefficients() -> None:
+    # d loss / d coef is the term itself, checked where active (a position whose coefficients
+    # are all zero is skipped and reports a zero term), so every coefficient is moved off zero.
+    prob = fused_problem(5, 7, 2, 3, seed=11)
+    for name in FUSED_INPUTS[3:]:
+        prob[name] = prob[name] + 0.1
+    assert fused_gradcheck(prob, len(FUSED_INPUTS), temperature=0.8)
 
 
 def test_fused_low_precision_hidden() -> None:
@@ -433,3 +447,17 @@ def test_fused_all_positions_inactive() -> None:
     )
     loss.backward()
     assert loss.item() == 0 and (div.fkl == 0).all() and (hidden.grad == 0).all()
+
+
+def test_fused_leading_batch_dims() -> None:
+    b, s, vocab, hidden_size, k = 2, 5, 30, 6, 4
+    prob = fused_problem(b * s, vocab, hidden_size, k, seed=14)
+    flat, flat_div = run_fused(prob, prob["hidden"], prob["weight"], prob["bias"], with_ce=True)
+    shaped = {
+        name: t.reshape(b, s, *t.shape[1:]) if t.shape[0] == b * s else t
+        for name, t in prob.items()
+    }
+    got, div = run_fused(shaped, shaped["hidden"], prob["weight"], prob["bias"], with_ce=True)
+    torch.testing.assert_close(got, flat)
+    assert div.fkl.shape == (b, s)
+    torch.testing.assert_close(div.rkl.reshape(-1), flat_div.rkl)

@@ -47,7 +47,7 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 class Divergences(NamedTuple):
-    """Per-position divergences; masked or inactive positions hold zeros."""
+    """Per-position divergences; masked or inactive positions hold zeros in all three fields."""
 
     fkl: Tensor
     rkl: Tensor
@@ -409,8 +409,9 @@ def fused_divergence_loss(
 ) -> tuple[Tensor, Divergences]:
     """loss = sum_n fkl_coef*fkl + rkl_coef*rkl + ce_coef*(-log softmax(logits)[target]).
 
-    hidden [N, H] (any float dtype), weight [V, H] and bias [V] or None in the same dtype;
-    teacher tensors as in `topk_divergences` with leading dim N; coefficients [N]. Positions
+    hidden [N, H] (any float dtype; leading dims [B, S, H] are flattened), weight [V, H] and
+    bias [V] or None in the same dtype; teacher tensors as in `topk_divergences` and coefficients
+    [N], with the same leading dims as hidden. Positions
     whose coefficients are all zero are skipped (padding costs nothing) and report
     fkl = rkl = 0; a position with any nonzero coefficient reports both, so RKL is still logged
     when only FKL trains (beta = 0). Logits are formed per chunk of `chunk_size` positions in the
@@ -425,18 +426,19 @@ def fused_divergence_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     kl_scale = temperature**2 if t2_scale else 1.0
+    lead, k = hidden.shape[:-1], topk_ids.shape[-1]
     loss, fkl, rkl, student_tail = _FusedDivergence.apply(
-        hidden,
+        hidden.reshape(-1, hidden.shape[-1]),
         lm_head_weight,
         lm_head_bias,
-        fkl_coef,
-        rkl_coef,
-        ce_coef,
-        (topk_ids, topk_logprobs, tail_logmass),
-        target_ids,
+        fkl_coef.reshape(-1),
+        rkl_coef.reshape(-1),
+        None if ce_coef is None else ce_coef.reshape(-1),
+        (topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1)),
+        None if target_ids is None else target_ids.reshape(-1),
         temperature,
         mode,
         chunk_size,
         kl_scale,
     )
-    return loss, Divergences(fkl, rkl, student_tail)
+    return loss, Divergences(fkl.reshape(lead), rkl.reshape(lead), student_tail.reshape(lead))
