@@ -10,6 +10,7 @@ STAGES = {
     "prepare": "stages.prepare",
     "models": "stages.models",
     "cache-teacher": "stages.cache_teacher",
+    "teacher-generate": "stages.teacher_generate",
     "train": "stages.train",
     "template-analysis": "stages.template_analysis",
     "evaluate": "stages.evaluate",

@@ -108,7 +108,7 @@ class LoraSettings(Strict):
 class Experiment(Strict):
     """One Stage 2 run: a `dvc.yaml` foreach item."""
 
-    method: Literal["sft", "kd", "rkd", "akd", "fixed_beta"]
+    method: Literal["sft", "seqkd", "kd", "rkd", "akd", "fixed_beta"]
     variant: Literal["m1", "m2", "m3"] = "m3"
     beta: float = Field(0.1, ge=0, le=1, description="akd: the initial beta; fixed_beta: beta")
     beta_reset: Literal["choice", "uniform"] = "choice"
@@ -136,6 +136,14 @@ class EvalConfig(Strict):
     taxonomy_workers: int = Field(2, gt=0)
 
 
+class GenerateConfig(Strict):
+    """Stage 1's generate mode: the teacher's own responses, for SeqKD."""
+
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(8, gt=0)
+    root: str = "storage/teacher-generations"
+
+
 class TemplateAnalysisConfig(Strict):
     """The paper's Table 9: the teacher on the same samples under every template."""
 
@@ -152,6 +160,7 @@ class Profile(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     template_analysis: TemplateAnalysisConfig = TemplateAnalysisConfig()
+    generate: GenerateConfig = GenerateConfig()
 
 
 class Params(Strict):

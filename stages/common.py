@@ -12,6 +12,7 @@ PREPARED_DIR = Path("data/prepared")
 RUNS_DIR = Path("runs")
 TEACHER_CACHE_POINTER = RUNS_DIR / "teacher_cache.json"
 TEACHER_CACHE_DROPPED = RUNS_DIR / "teacher_cache_dropped.jsonl"
+TEACHER_GENERATIONS_POINTER = RUNS_DIR / "teacher_generations.json"
 
 
 def stage_args(description: str) -> argparse.ArgumentParser:

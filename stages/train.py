@@ -10,7 +10,12 @@ from pathlib import Path
 
 from akd_cache.config import load_params
 from akd_cache.student.run import train_experiment
-from stages.common import TEACHER_CACHE_POINTER, stage_args, write_json
+from stages.common import (
+    TEACHER_CACHE_POINTER,
+    TEACHER_GENERATIONS_POINTER,
+    stage_args,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,9 +28,12 @@ def main(argv: list[str] | None = None) -> None:
                          f"known: {', '.join(params.experiments)}")
     profile = params.active
     out = Path(profile.train.output_root) / args.experiment
+    generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
+                   if TEACHER_GENERATIONS_POINTER.exists() else None)
     metrics = train_experiment(
         json.loads(TEACHER_CACHE_POINTER.read_text())["location"], profile.student.model,
         params.experiments[args.experiment], profile.train, out, args.experiment,
+        generations=generations, cache_cfg=profile.cache,
     )
     write_json(out / "metrics.json", metrics)
     print(f"train {args.experiment}: {metrics['steps']} steps, loss {metrics['train_loss']:.4f}, "

@@ -152,3 +152,34 @@ def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_
     assert second["steps"] == 4 and second["train_loss"] != first["train_loss"]
     log = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len([line for line in log if '"fkl"' in line]) == 4  # the old run's log is gone
+
+
+def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpaca_rows,
+                                                          cache_and_student, tmp_path):
+    from akd_cache.teacher.generate import (
+        generate_responses,
+        generator_factory,
+        make_generation_ingredients,
+    )
+
+    teacher = str(tiny_models["llama"])
+    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
+                for i, r in enumerate(codealpaca_rows[:4])]
+    ingredients = make_generation_ingredients(
+        teacher=TeacherConfig(model=teacher), teacher_path=teacher,
+        tokenizer=AutoTokenizer.from_pretrained(teacher), examples=examples, template="alpaca",
+        max_new_tokens=12,
+    )
+    location = tmp_path / "generations"
+    generate_responses(location, examples, ingredients,
+                       generator_factory(TeacherConfig(model=teacher), teacher, 4))
+    metrics = train_experiment(
+        cache_and_student[0], cache_and_student[1], Experiment(method="seqkd"),
+        TrainConfig(batch_size=2, max_steps=2, lr=1e-3), tmp_path / "out", "seqkd",
+        generations=str(location), cache_cfg=CacheConfig(max_length=128),
+    )
+    assert metrics["steps"] == 2 and metrics["cache_key"] == location.name
+    assert metrics["train_loss"] > 0
+    with pytest.raises(ValueError, match="needs the teacher's generations"):
+        train_experiment(cache_and_student[0], cache_and_student[1], Experiment(method="seqkd"),
+                         TRAIN, tmp_path / "out2", "seqkd")

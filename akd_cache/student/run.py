@@ -7,12 +7,14 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
-from akd_cache.config import Experiment, TrainConfig
+from akd_cache.config import CacheConfig, Experiment, TrainConfig
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.akd import BetaController
+from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.setup import load_student, training_arguments
 from akd_cache.student.trainer import (
     DistillationModule,
@@ -38,28 +40,44 @@ def discard_stale_checkpoints(out: Path, settings: dict) -> None:
     marker.write_text(current)
 
 
+def training_data(
+    experiment: Experiment, cache_location: str, tokenizer: PreTrainedTokenizerBase,
+    generations: str | None, cache_cfg: CacheConfig,
+) -> tuple[torch.utils.data.Dataset, str]:
+    """The dataset and the key of what it was made from: the logit cache, or for SeqKD the
+    teacher's generated responses (text, so any student tokenizer will do)."""
+    if experiment.method == "seqkd":
+        if generations is None:
+            raise ValueError("method seqkd needs the teacher's generations (akd teacher-generate)")
+        dataset = SeqKDDataset.from_generations(generations, tokenizer, cache_cfg)
+        return dataset, Path(generations).name
+    cache = TeacherCache(cache_location)
+    cache.check_student(tokenizer)
+    return CacheDataset(cache), cache.key
+
+
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
-    out: Path, name: str,
+    out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = CacheConfig(),
 ) -> dict:
     """Train (resuming from the last checkpoint in `out` if any), save the student, return the
     run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included."""
-    cache = TeacherCache(cache_location)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
-    cache.check_student(tokenizer)
+    dataset, data_key = training_data(experiment, cache_location, tokenizer, generations,
+                                      cache_cfg)
     student = load_student(student_path, experiment, train.bf16)
     variant, beta = method_beta(experiment)
     controller = BetaController(variant, beta_init=beta, reset=experiment.beta_reset,
                                 seed=train.seed)
     checkpoints = out / "checkpoints"
     discard_stale_checkpoints(out, {
-        "cache_key": cache.key, "student": student_path,
+        "data_key": data_key, "student": student_path,
         "experiment": experiment.model_dump(), "train": train.model_dump(),
     })
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train),
         args=training_arguments(train, checkpoints),
-        train_dataset=CacheDataset(cache),
+        train_dataset=dataset,
         data_collator=collate,
         controller=controller,
         log_path=out / "log.jsonl",
@@ -77,7 +95,7 @@ def train_experiment(
     return {
         "experiment": name,
         "method": experiment.method,
-        "cache_key": cache.key,
+        "cache_key": data_key,
         "train_loss": result.training_loss,
         "final_fkl": history[-1]["fkl"] if history else None,
         "final_rkl": history[-1]["rkl"] if history else None,

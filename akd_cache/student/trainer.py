@@ -24,6 +24,7 @@ from akd_cache.config import Experiment, TrainConfig
 from akd_cache.student.akd import BetaController, BetaState
 from akd_cache.student.divergence import fused_divergence_loss
 
+CROSS_ENTROPY_METHODS = ("sft", "seqkd")  # references, or the teacher's generated responses
 BETA_STATE_FILE = "beta_state.pt"
 TRAINING_ARGS_FILE = "training_args.bin"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -60,8 +61,9 @@ class DistillationModule(torch.nn.Module):
     def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig):
         super().__init__()
         self.student = student
-        self.ce_weight = 1.0 if experiment.method == "sft" else experiment.ce_weight
-        self.distill = experiment.method != "sft"
+        cross_entropy_only = experiment.method in CROSS_ENTROPY_METHODS
+        self.ce_weight = 1.0 if cross_entropy_only else experiment.ce_weight
+        self.distill = not cross_entropy_only
         self.tail_mode = experiment.tail_mode or train.tail_mode
         self.temperature = train.temperature
         self.t2_scale = train.t2_scale
