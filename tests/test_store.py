@@ -333,3 +333,27 @@ def test_vocab_rank_orders_by_calibration_top_k_then_data():
     # top-k counts: 3 -> 2, 1 -> 1, 2 -> 1; data breaks the 1/2 tie (1 seen once, 2 never);
     # the rest by data count (0 thrice, 4 twice)
     assert fmt.vocab_rank(topk, tokens, 5).tolist() == [3, 1, 2, 0, 4]
+
+
+def test_shard_shuffle_sampler_visits_every_sample_once_shard_by_shard(reference_cache):
+    from akd_cache.store.reader import ShardShuffleSampler
+
+    cache = TeacherCache(str(reference_cache))
+    sampler = ShardShuffleSampler(cache, seed=1)
+    first = list(sampler)
+    assert sorted(first) == list(range(len(cache)))
+    shards = cache.sample_shards[first]
+    assert (np.diff(shards) != 0).sum() == len(np.unique(shards)) - 1  # one visit per shard
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == sorted(first)
+    assert list(ShardShuffleSampler(cache, seed=1)) == first
+
+
+def test_reads_spanning_chunk_boundaries(reference_cache, monkeypatch):
+    whole = TeacherCache(str(reference_cache))
+    expected = [whole[i] for i in range(len(whole))]
+    small = TeacherCache(str(reference_cache))
+    small._block_rows = 7  # force every sample across several cached blocks
+    for want, got in zip(expected, (small[i] for i in range(len(small)))):
+        np.testing.assert_array_equal(want.topk_ids, got.topk_ids)
+        np.testing.assert_array_equal(want.tail_logmass, got.tail_logmass)

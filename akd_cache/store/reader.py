@@ -7,6 +7,7 @@ on the wrong tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,30 @@ class TeacherCache:
         self._arrays = {name: self.group[f"rows/{name}"] for name in
                         ("ids", "codes", "tail_logmass", "target_logprob")}
         self._tokens = self.group["tokens"]
+        ids = self._arrays["ids"]
+        self._block_rows = ids.chunks[0]
+        self.shard_rows = ids.shards[0]
+        blocks_per_shard = self.shard_rows // self._block_rows
+        self._block = functools.lru_cache(maxsize=len(self._arrays) * blocks_per_shard)(
+            self._read_block
+        )
+
+    def _read_block(self, name: str, block: int) -> np.ndarray:
+        start = block * self._block_rows
+        return self._arrays[name][start : start + self._block_rows]
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) through a cache of decoded chunks: zarr decodes a whole chunk per
+        read anyway, and a sample's neighbours are in the same one."""
+        first, last = start // self._block_rows, (stop - 1) // self._block_rows
+        parts = [self._block(name, b) for b in range(first, last + 1)]
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        offset = first * self._block_rows
+        return joined[start - offset : stop - offset]
+
+    @property
+    def sample_shards(self) -> np.ndarray:
+        return self._tables["row_start"] // self.shard_rows
 
     @property
     def key(self) -> str:
@@ -97,18 +122,18 @@ class TeacherCache:
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} is outside [0, {len(self)})")
         t = {name: int(values[index]) for name, values in self._tables.items()}
-        rows = slice(t["row_start"], t["row_start"] + t["n_rows"])
-        tail = self._arrays["tail_logmass"][rows]
+        start, stop = t["row_start"], t["row_start"] + t["n_rows"]
+        tail = self._rows("tail_logmass", start, stop)
         return CachedSample(
             sample_id=str(self.sample_ids[index]),
             input_ids=self._tokens[t["seq_start"] : t["seq_start"] + t["seq_len"]].astype(
                 np.int64
             ),
             prompt_len=t["prompt_len"],
-            topk_ids=fmt.decode_ids(self._arrays["ids"][rows], self._vocab_order),
-            topk_logprobs=fmt.decode_logprobs(self._arrays["codes"][rows], tail),
+            topk_ids=fmt.decode_ids(self._rows("ids", start, stop), self._vocab_order),
+            topk_logprobs=fmt.decode_logprobs(self._rows("codes", start, stop), tail),
             tail_logmass=tail,
-            target_logprob=self._arrays["target_logprob"][rows],
+            target_logprob=self._rows("target_logprob", start, stop),
         )
 
 
@@ -123,6 +148,27 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> CachedSample:
         return self.cache[index]
+
+
+class ShardShuffleSampler(torch.utils.data.Sampler[int]):
+    """A fresh random order every epoch that visits the shards one at a time (in random order),
+    so each compressed chunk is decoded once per epoch instead of once per sample."""
+
+    def __init__(self, cache: TeacherCache, seed: int = 0) -> None:
+        self.shards = cache.sample_shards
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        for shard in rng.permutation(np.unique(self.shards)):
+            yield from rng.permutation(np.flatnonzero(self.shards == shard)).tolist()
 
 
 def collate(samples: list[CachedSample], pad_id: int = 0) -> dict[str, torch.Tensor]:

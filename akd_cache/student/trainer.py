@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from akd_cache.config import Experiment, TrainConfig
+from akd_cache.store.reader import CacheDataset, ShardShuffleSampler
 from akd_cache.student.akd import BetaController, BetaState
 from akd_cache.student.divergence import fused_divergence_loss
 
@@ -130,6 +131,12 @@ class DistillTrainer(Trainer):
         self.tokens_seen = 0
         self._start = time.perf_counter()
         self.add_callback(BetaCallback(controller))
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, CacheDataset):
+            return ShardShuffleSampler(dataset.cache, seed=self.args.data_seed or self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints hold the student as `save_pretrained` writes it (tied weights and LoRA
