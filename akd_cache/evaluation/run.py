@@ -11,6 +11,7 @@ from akd_cache.evaluation.generate import GenerationConfig, generate_samples
 from akd_cache.evaluation.problems import load_problems
 from akd_cache.evaluation.score import score
 from akd_cache.evaluation.taxonomy import attempts_from_scores, classify
+from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.key import weights_sha256
 
 
@@ -29,21 +30,10 @@ def taxonomy_json(summary) -> dict:
 SETTINGS_FILE = "eval_settings.json"
 
 
-def discard_stale_samples(out: Path, settings: dict) -> None:
-    """Samples resume only under the same model weights and settings; others are removed."""
-    marker = out / SETTINGS_FILE
-    current = json.dumps(settings, sort_keys=True)
-    if marker.exists() and marker.read_text() == current:
-        return
-    for stale in out.glob("*.jsonl"):
-        stale.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(current)
-
-
 def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig) -> dict:
     """Per dataset: samples (resumable), a fresh evalplus run, the taxonomy of the failures."""
-    discard_stale_samples(out, {"model": weights_sha256(str(model_dir)), "eval": cfg.model_dump()})
+    settings = {"model": weights_sha256(str(model_dir)), "eval": cfg.model_dump()}
+    discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"))
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     generation = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, n_samples=cfg.n_samples,

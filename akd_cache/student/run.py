@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
 from akd_cache.config import CacheConfig, Experiment, TrainConfig
+from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.akd import BetaController
 from akd_cache.student.seqkd_data import SeqKDDataset
@@ -26,18 +26,6 @@ from akd_cache.student.trainer import (
 
 
 RUN_SETTINGS_FILE = "run_settings.json"
-
-
-def discard_stale_checkpoints(out: Path, settings: dict) -> None:
-    """Resume only what these exact settings started: other checkpoints and logs are removed."""
-    marker = out / RUN_SETTINGS_FILE
-    current = json.dumps(settings, sort_keys=True)
-    if marker.exists() and marker.read_text() == current:
-        return
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "log.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(current)
 
 
 def training_data(
@@ -70,10 +58,9 @@ def train_experiment(
     controller = BetaController(variant, beta_init=beta, reset=experiment.beta_reset,
                                 seed=train.seed)
     checkpoints = out / "checkpoints"
-    discard_stale_checkpoints(out, {
-        "data_key": data_key, "student": student_path,
-        "experiment": experiment.model_dump(), "train": train.model_dump(),
-    })
+    settings = {"data_key": data_key, "student": student_path,
+                "experiment": experiment.model_dump(), "train": train.model_dump()}
+    discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train),
         args=training_arguments(train, checkpoints),
