@@ -79,7 +79,8 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return model.eval(), tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -101,7 +102,9 @@ def _generate_batch(
     prompts: list[str],
     config: GenerationConfig,
 ) -> list[list[Completion]]:
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(
+        model.device
+    )
     prompt_len = batch["input_ids"].shape[1]
     eos = eos_ids(model, tokenizer)
     sampling = (
@@ -123,7 +126,7 @@ def _generate_batch(
         )
     generated = out[:, prompt_len:]
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    hit_eos = torch.isin(generated, torch.tensor(eos)).any(dim=1).tolist()
+    hit_eos = torch.isin(generated, torch.tensor(eos, device=generated.device)).any(dim=1).tolist()
     rows = [_finish(t, e, config.stops) for t, e in zip(texts, hit_eos, strict=True)]
     n = config.n_samples
     return [rows[i * n : (i + 1) * n] for i in range(len(prompts))]
