@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     location = cache_location(profile.cache.root, ingredients.key())
     print(f"cache_teacher: {len(split.samples)} samples ({len(split.dropped)} dropped as too "
           f"long, listed in {TEACHER_CACHE_DROPPED}), cache {location}")
-    vocab_size = AutoConfig.from_pretrained(teacher_path, revision=profile.teacher.revision).vocab_size
+    config = AutoConfig.from_pretrained(teacher_path, revision=profile.teacher.revision)
+    vocab_size = config.vocab_size
     complete = fill(
         location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
         backend_factory(profile.teacher, teacher_path, profile.cache),

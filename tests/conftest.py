@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CodeAlpaca file from ../shared, tiny random models, the SmolLM2 teacher."""
+"""Shared fixtures: the real CodeAlpaca file from ../shared, tiny models, the SmolLM2 teacher."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def tiny_models(tmp_path_factory, codealpaca_rows) -> dict[str, Path]:
     """A tiny random GPTBigCode and Llama sharing one BPE tokenizer trained on CodeAlpaca."""
     texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in codealpaca_rows]
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: save_tiny(arch, texts, root / arch, TINY_VOCAB) for arch in ("gpt_bigcode", "llama")}
+    return {arch: save_tiny(arch, texts, root / arch, TINY_VOCAB)
+            for arch in ("gpt_bigcode", "llama")}
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,8 @@ def test_rows_align_with_the_position_that_predicts_the_next_token(tiny_models, 
         expected_target = logp.gather(-1, targets[:, None]).squeeze(-1)
         np.testing.assert_allclose(rows.target_logprob, expected_target.numpy(), atol=2e-5)
         # an off-by-one would pair row j with token j, not j + 1
-        shifted = logp.gather(-1, torch.tensor(sample.input_ids[sample.prompt_len - 1 : -1])[:, None])
+        previous = torch.tensor(sample.input_ids[sample.prompt_len - 1 : -1])
+        shifted = logp.gather(-1, previous[:, None])
         assert np.abs(rows.target_logprob - shifted.squeeze(-1).numpy()).max() > 1e-2
         expected_tail = torch.log1p(-values.exp().sum(-1))
         np.testing.assert_allclose(rows.tail_logmass, expected_tail.numpy(), atol=2e-5)

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from akd_cache.config import CacheConfig, DataConfig, Experiment, LoraSettings, TeacherConfig, TrainConfig
+from akd_cache.config import (
+    CacheConfig,
+    DataConfig,
+    Experiment,
+    LoraSettings,
+    TeacherConfig,
+    TrainConfig,
+)
 from akd_cache.data.instructions import Example
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.store.writer import fill

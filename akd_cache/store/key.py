@@ -13,6 +13,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
+from akd_cache.config import TeacherConfig
+from akd_cache.data.tokenize import tokenizer_fingerprint
 from akd_cache.store.format import CODE_MAX, FORMAT_VERSION
 
 KEY_HEX_CHARS = 20
@@ -41,11 +45,28 @@ class CacheIngredients:
     format_version: int = FORMAT_VERSION
 
     def key(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_HEX_CHARS]
+        return hash_key(asdict(self))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def hash_key(ingredients: dict) -> str:
+    canonical = json.dumps(ingredients, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_HEX_CHARS]
+
+
+def teacher_identity(
+    teacher: TeacherConfig, teacher_path: str, tokenizer: PreTrainedTokenizerBase
+) -> dict:
+    """The ingredients every teacher output shares: which weights, in which dtype, which vocab."""
+    return {
+        "teacher": teacher.model,
+        "teacher_revision": teacher.revision,
+        "teacher_weights_sha256": weights_sha256(teacher_path),
+        "teacher_dtype": teacher.dtype,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+    }
 
 
 def weights_sha256(model: str) -> str | None:

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import BadRow, DroppedRow, Example
-from akd_cache.data.tokenize import TokenizedSample, tokenize_example, tokenizer_fingerprint
-from akd_cache.store.key import CacheIngredients, samples_sha256, weights_sha256
+from akd_cache.data.tokenize import TokenizedSample, tokenize_example
+from akd_cache.store.key import CacheIngredients, samples_sha256, teacher_identity
 from akd_cache.teacher.rows import TeacherBackend
 
 
@@ -50,11 +50,7 @@ def make_ingredients(
     cache: CacheConfig,
 ) -> CacheIngredients:
     return CacheIngredients(
-        teacher=teacher.model,
-        teacher_revision=teacher.revision,
-        teacher_weights_sha256=weights_sha256(teacher_path),
-        teacher_dtype=teacher.dtype,
-        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+        **teacher_identity(teacher, teacher_path, tokenizer),
         dataset_sha256=dataset_sha256,
         samples_sha256=samples_sha256(list(samples)),
         split="train",

@@ -39,8 +39,7 @@ from transformers import (
 from akd_cache.config import TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
-from akd_cache.data.tokenize import tokenizer_fingerprint
-from akd_cache.store.key import KEY_HEX_CHARS, weights_sha256
+from akd_cache.store.key import hash_key, teacher_identity
 from akd_cache.store.lock import WriterLock
 from akd_cache.teacher.hf_backend import DTYPES
 
@@ -80,8 +79,7 @@ class GenerationIngredients:
     format_version: int = FORMAT_VERSION
 
     def key(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_HEX_CHARS]
+        return hash_key(asdict(self))
 
 
 def prompts_sha256(examples: Sequence[Example], template: str) -> str:
@@ -104,11 +102,7 @@ def make_generation_ingredients(
     stops: Sequence[str] = DEFAULT_STOPS,
 ) -> GenerationIngredients:
     return GenerationIngredients(
-        teacher=teacher.model,
-        teacher_revision=teacher.revision,
-        teacher_weights_sha256=weights_sha256(teacher_path),
-        teacher_dtype=teacher.dtype,
-        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+        **teacher_identity(teacher, teacher_path, tokenizer),
         prompts_sha256=prompts_sha256(examples, template),
         n_samples=len(examples),
         template=template,
