@@ -22,14 +22,15 @@ from transformers import AutoConfig
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import prepare
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.models.smollm2 import ensure_smollm2
 from akd_cache.store.format import open_cache_group
 from akd_cache.store.reader import ShardShuffleSampler, TeacherCache
+from akd_cache.store.rows import TeacherRows
 from akd_cache.store.stats import cache_stats
 from akd_cache.store.writer import fill
-from akd_cache.teacher.build import load_tokenizer, make_ingredients, tokenize_split
+from akd_cache.teacher.build import load_tokenizer, make_ingredients
 from akd_cache.teacher.hf_backend import HFTeacher
-from akd_cache.teacher.rows import TeacherRows
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO.parent / "shared" / "data" / "codealpaca" / "code_alpaca_2k.json"

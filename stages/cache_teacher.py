@@ -11,6 +11,7 @@ import json
 from transformers import AutoConfig
 
 from akd_cache.data.instructions import read_examples, write_jsonl
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.writer import fill
 from akd_cache.teacher.build import (
@@ -18,7 +19,6 @@ from akd_cache.teacher.build import (
     cache_location,
     load_tokenizer,
     make_ingredients,
-    tokenize_split,
 )
 from stages.common import (
     PREPARED_DIR,

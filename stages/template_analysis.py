@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from akd_cache.data.instructions import read_examples
 from akd_cache.data.templates import TEMPLATES
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.reader import TeacherCache
 from akd_cache.store.writer import fill
@@ -18,7 +19,6 @@ from akd_cache.teacher.build import (
     cache_location,
     load_tokenizer,
     make_ingredients,
-    tokenize_split,
 )
 from akd_cache.teacher.template_analysis import compare_templates, per_sample_scores
 from stages.common import PREPARED_DIR, RUNS_DIR, load_stage_profile, stage_args, write_json

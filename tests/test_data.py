@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from transformers import AutoTokenizer
 
 from akd_cache.config import DataConfig

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_example
+from akd_cache.store.rows import tail_from_topk
 from akd_cache.teacher.hf_backend import HFTeacher, length_buckets
-from akd_cache.teacher.rows import tail_from_topk
 
 K = 16
 

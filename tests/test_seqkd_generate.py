@@ -26,6 +26,7 @@ from akd_cache.teacher.generate import (
     GENERATIONS_FILE,
     META_FILE,
     GenerationCacheError,
+    GenerationIngredients,
     HFGenerator,
     Response,
     generate_responses,
@@ -164,6 +165,18 @@ def test_key_changes_with_each_ingredient(tiny_models, examples):
     assert prompts_sha256(other_input, TEMPLATE) != digest
     assert prompts_sha256(examples, "alpaca_original") != digest
     assert prompts_sha256(other_output, TEMPLATE) == digest
+
+
+def test_key_of_fixed_ingredients_is_stable():
+    """The value the code gave before the folder I/O moved to the store: a key that moves
+    orphans every existing generations folder."""
+    ingredients = GenerationIngredients(
+        teacher="embedded:smollm2", teacher_revision=None, teacher_weights_sha256="a" * 64,
+        teacher_dtype="float32", tokenizer_sha256="b" * 64, prompts_sha256="e" * 64,
+        n_samples=96, template="alpaca_original", max_new_tokens=128,
+        stops=("\n### Instruction", "<|im_end|>"),
+    )
+    assert ingredients.key() == "9b36be2f3a91c5cc10b2"
 
 
 @pytest.fixture(scope="module")

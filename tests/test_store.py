@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -18,11 +19,13 @@ from transformers import AutoTokenizer
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import Example
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.store import format as fmt
+from akd_cache.store.key import CacheIngredients
 from akd_cache.store.lock import CacheLockedError, WriterLock
 from akd_cache.store.reader import CacheDataset, CacheError, TeacherCache, collate
 from akd_cache.store.writer import IncompatibleCacheError, calibration_samples, fill, plan_shards
-from akd_cache.teacher.build import make_ingredients, tokenize_split
+from akd_cache.teacher.build import make_ingredients
 from akd_cache.teacher.hf_backend import HFTeacher
 
 K = 16
@@ -176,8 +179,8 @@ def test_resume_after_crash_equals_an_uninterrupted_run(setup, reference_cache, 
 KILL_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from akd_cache.data.tokenize import TokenizedSample
 from akd_cache.store.key import CacheIngredients
+from akd_cache.store.rows import TokenizedSample
 from akd_cache.store.writer import fill
 from akd_cache.teacher.hf_backend import HFTeacher
 
@@ -287,6 +290,32 @@ def test_key_changes_with_every_ingredient(setup):
                "truncation": "drop", "heldout": 5, "teacher_revision": "abc"}
     keys = {replace(base, **{name: value}).key() for name, value in changes.items()}
     assert len(keys | {base.key()}) == len(changes) + 1
+
+
+def test_key_of_fixed_ingredients_is_stable():
+    """The value the code gave before the store was made the bottom layer: a key that moves
+    orphans every existing cache."""
+    ingredients = CacheIngredients(
+        teacher="embedded:smollm2", teacher_revision=None, teacher_weights_sha256="a" * 64,
+        teacher_dtype="float32", tokenizer_sha256="b" * 64, dataset_sha256="c" * 64,
+        samples_sha256="d" * 64, split="train", heldout=100, split_seed=0, max_train_samples=96,
+        template="alpaca_original", max_length=512, truncation="truncate_response", k=64,
+        temperature=1.0,
+    )
+    assert ingredients.key() == "c34ec87d2ed70a670211"
+
+
+def test_store_imports_no_higher_package():
+    """store/ is the bottom layer: importing all of it loads nothing from above it."""
+    modules = sorted(p.stem for p in Path(fmt.__file__).parent.glob("*.py") if p.stem != "__init__")
+    code = (f"import sys\nfor m in {modules!r}: __import__('akd_cache.store.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('akd_cache.')))")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout
+    loaded = ast.literal_eval(out)
+    assert "akd_cache.store.reader" in loaded
+    assert all(m == "akd_cache" or m.startswith("akd_cache.store") for m in loaded), loaded
 
 
 def test_reader_refuses_a_student_with_another_tokenizer(setup, reference_cache, tiny_models,

@@ -18,12 +18,13 @@ from akd_cache.config import (
     TrainConfig,
 )
 from akd_cache.data.instructions import Example
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.store.writer import fill
 from akd_cache.student.divergence import topk_divergences
 from akd_cache.student.run import train_experiment
 from akd_cache.student.trainer import DistillationModule, DistillTrainer
-from akd_cache.teacher.build import make_ingredients, tokenize_split
+from akd_cache.teacher.build import make_ingredients
 from akd_cache.teacher.hf_backend import HFTeacher
 
 K = 16

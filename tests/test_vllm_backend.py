@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.data.instructions import SCHEMA_COLUMNS, to_example
-from akd_cache.data.tokenize import TokenizedSample, tokenize_example
+from akd_cache.data.tokenize import tokenize_example
+from akd_cache.store.rows import TeacherRows, TokenizedSample
 from akd_cache.teacher.hf_backend import HFTeacher
-from akd_cache.teacher.rows import TeacherRows
 from akd_cache.teacher.vllm_backend import VLLMTeacher, unpack_prompt_logprobs
 
 K = 16

@@ -153,8 +153,7 @@ def write_jsonl(path: Path, records: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(asdict(record), ensure_ascii=False) + "\n" for record in records)
     tmp.replace(path)
 
 

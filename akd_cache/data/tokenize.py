@@ -13,28 +13,17 @@ Truncation policies, applied when prompt + response + EOS exceeds `max_length`:
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from akd_cache.config import TruncationPolicy
-from akd_cache.data.instructions import BadRow, Example
+from akd_cache.config import CacheConfig, TruncationPolicy
+from akd_cache.data.instructions import BadRow, DroppedRow, Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.store.rows import TokenizedSample
 
 MIN_RESPONSE_TOKENS = 1
-
-
-@dataclass(frozen=True)
-class TokenizedSample:
-    sample_id: str
-    input_ids: list[int]
-    prompt_len: int
-
-    @property
-    def n_loss_rows(self) -> int:
-        return len(self.input_ids) - self.prompt_len
 
 
 def tokenize_example(
@@ -62,15 +51,23 @@ def tokenize_example(
     return TokenizedSample(example.sample_id, ids, len(prompt_ids))
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A checksum of what decides token ids: the vocabulary, merges, normaliser and specials."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(
-        sorted(tokenizer.get_vocab().items())
-    )
-    specials = json.dumps(
-        {"specials": tokenizer.all_special_tokens, "eos": tokenizer.eos_token_id,
-         "bos": tokenizer.bos_token_id},
-        sort_keys=True,
-    )
-    return hashlib.sha256((body + specials).encode()).hexdigest()
+@dataclass(frozen=True)
+class TokenizedSplit:
+    samples: list[TokenizedSample]
+    dropped: list[DroppedRow]
+
+
+def tokenize_split(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cache: CacheConfig
+) -> TokenizedSplit:
+    """Every example that fits; the others are listed in `dropped` with the reason."""
+    samples, dropped = [], []
+    for example in examples:
+        try:
+            samples.append(
+                tokenize_example(tokenizer, example, cache.template, cache.max_length,
+                                 cache.truncation)
+            )
+        except BadRow as err:
+            dropped.append(DroppedRow(example.sample_id, "tokenize", str(err)))
+    return TokenizedSplit(samples, dropped)

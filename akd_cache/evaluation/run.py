@@ -12,7 +12,7 @@ from akd_cache.evaluation.problems import load_problems
 from akd_cache.evaluation.score import score
 from akd_cache.evaluation.taxonomy import attempts_from_scores, classify
 from akd_cache.run_settings import discard_if_changed
-from akd_cache.store.key import weights_sha256
+from akd_cache.teacher.identity import weights_sha256
 
 
 def taxonomy_json(summary) -> dict:

@@ -1,26 +1,24 @@
-"""The content address of a teacher cache.
+"""The content address of a teacher cache: a hash of the ingredients it is given.
 
-Two experiments share a cache exactly when every ingredient below matches. Local model folders
-are identified by a checksum of their weights, so a re-converted or copied folder still matches;
-hub models by id and revision (pin a commit: a branch name such as `main` can move). The dataset
-enters by a sha256 of its rows and of the exact examples that were cached, never by file mtimes.
+Two experiments share a cache exactly when every ingredient below matches. Which ingredients
+identify the teacher (a weights checksum for a local folder, id and revision for a hub model) is
+decided in `akd_cache.teacher.identity`; the dataset enters by a sha256 of its rows and of the
+exact examples that were cached, never by file mtimes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from akd_cache.config import TeacherConfig
-from akd_cache.data.tokenize import tokenizer_fingerprint
 from akd_cache.store.format import CODE_MAX, FORMAT_VERSION
+from akd_cache.store.rows import TokenizedSample
 
 KEY_HEX_CHARS = 20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -56,39 +54,21 @@ def hash_key(ingredients: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_HEX_CHARS]
 
 
-def teacher_identity(
-    teacher: TeacherConfig, teacher_path: str, tokenizer: PreTrainedTokenizerBase
-) -> dict:
-    """The ingredients every teacher output shares: which weights, in which dtype, which vocab."""
-    return {
-        "teacher": teacher.model,
-        "teacher_revision": teacher.revision,
-        "teacher_weights_sha256": weights_sha256(teacher_path),
-        "teacher_dtype": teacher.dtype,
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-    }
-
-
-def weights_sha256(model: str) -> str | None:
-    """A checksum over a local folder's config and weight files; None for a hub id."""
-    folder = Path(model)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A checksum of what decides token ids: the vocabulary, merges, normaliser and specials."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(
+        sorted(tokenizer.get_vocab().items())
     )
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise FileNotFoundError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    specials = json.dumps(
+        {"specials": tokenizer.all_special_tokens, "eos": tokenizer.eos_token_id,
+         "bos": tokenizer.bos_token_id},
+        sort_keys=True,
+    )
+    return hashlib.sha256((body + specials).encode()).hexdigest()
 
 
-def samples_sha256(samples: list) -> str:
+def samples_sha256(samples: Sequence[TokenizedSample]) -> str:
     """Over the tokenised samples that go into the cache, ids and prompt lengths included."""
     digest = hashlib.sha256()
     for s in samples:

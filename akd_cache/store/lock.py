@@ -16,7 +16,6 @@ import time
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-
 POLL_S = 0.5
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from akd_cache.data.tokenize import tokenizer_fingerprint
 from akd_cache.store import format as fmt
+from akd_cache.store.key import tokenizer_fingerprint
 from akd_cache.store.writer import ATTRS
 
 

@@ -20,12 +20,11 @@ import zarr
 from tqdm.auto import tqdm
 
 from akd_cache import __version__
-from akd_cache.data.tokenize import TokenizedSample
 from akd_cache.store import format as fmt
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.lock import WriterLock
+from akd_cache.store.rows import TeacherBackend, TeacherRows, TokenizedSample
 from akd_cache.store.stats import cache_stats
-from akd_cache.teacher.rows import TeacherBackend, TeacherRows
 
 ATTRS = "akd_cache"
 SCORE_BATCH_SAMPLES = 64

@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerBase
 
 from akd_cache.config import CacheConfig
 from akd_cache.data.instructions import DroppedRow, Example
-from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.store.reader import CachedSample
-from akd_cache.teacher.build import tokenize_split
+from akd_cache.store.rows import TokenizedSample
 from akd_cache.teacher.generate import read_generations, truncated_sample_ids
 
 PLACEHOLDER_K = 1

@@ -1,4 +1,4 @@
-"""Stage 1 as library calls: tokenise the training split, name the cache, fill it.
+"""Stage 1 as library calls: name the cache and build the teacher that fills it.
 
 The cache location is `<root>/<key>`, the key a hash of every ingredient, so the same teacher,
 data, template and settings always land in (and reuse) the same folder.
@@ -7,36 +7,13 @@ data, template and settings always land in (and reuse) the same folder.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
-from akd_cache.data.instructions import BadRow, DroppedRow, Example
-from akd_cache.data.tokenize import TokenizedSample, tokenize_example
-from akd_cache.store.key import CacheIngredients, samples_sha256, teacher_identity
-from akd_cache.teacher.rows import TeacherBackend
-
-
-@dataclass(frozen=True)
-class TokenizedSplit:
-    samples: list[TokenizedSample]
-    dropped: list[DroppedRow]
-
-
-def tokenize_split(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cache: CacheConfig
-) -> TokenizedSplit:
-    samples, dropped = [], []
-    for example in examples:
-        try:
-            samples.append(
-                tokenize_example(tokenizer, example, cache.template, cache.max_length,
-                                 cache.truncation)
-            )
-        except BadRow as err:
-            dropped.append(DroppedRow(example.sample_id, "tokenize", str(err)))
-    return TokenizedSplit(samples, dropped)
+from akd_cache.store.key import CacheIngredients, samples_sha256
+from akd_cache.store.rows import TeacherBackend, TokenizedSample
+from akd_cache.teacher.identity import teacher_identity
 
 
 def make_ingredients(

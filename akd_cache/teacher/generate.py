@@ -39,9 +39,10 @@ from transformers import (
 from akd_cache.config import TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
-from akd_cache.store.key import hash_key, teacher_identity
+from akd_cache.store.key import hash_key
 from akd_cache.store.lock import WriterLock
 from akd_cache.teacher.hf_backend import DTYPES
+from akd_cache.teacher.identity import teacher_identity
 
 FORMAT_VERSION = 1
 GREEDY = "greedy"

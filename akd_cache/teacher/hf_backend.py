@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from akd_cache.data.tokenize import TokenizedSample
-from akd_cache.teacher.rows import TeacherRows
+from akd_cache.store.rows import TeacherRows, TokenizedSample
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
 FLOAT32_BYTES = 4

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from akd_cache.data.tokenize import TokenizedSample
-from akd_cache.teacher.rows import TeacherRows, tail_from_topk
+from akd_cache.store.rows import TeacherRows, TokenizedSample, tail_from_topk
 
 # `config.logit_scale` read from a config object in a vLLM model file, e.g.
 # `getattr(config, "logit_scale", 1.0)`, `getattr(self.text_config, "logit_scale", ...)` or

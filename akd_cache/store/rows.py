@@ -1,7 +1,8 @@
-"""What a teacher backend produces for one sample, and the one helper both backends share.
+"""What the writer takes in: tokenised samples, and the teacher's rows for each of them.
 
 For a sample of length L with prompt length P there are L - P rows; row r describes position
-P - 1 + r, the one that predicts token P + r (a response token, or the final EOS).
+P - 1 + r, the one that predicts token P + r (a response token, or the final EOS). The teacher
+backends produce these rows; the store defines them, so that it depends on no backend.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from typing import Protocol
 
 import numpy as np
 
-from akd_cache.data.tokenize import TokenizedSample
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    sample_id: str
+    input_ids: list[int]
+    prompt_len: int
+
+    @property
+    def n_loss_rows(self) -> int:
+        return len(self.input_ids) - self.prompt_len
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""Which teacher produced an output: the ingredients every teacher cache and generation share.
+
+Local model folders are identified by a checksum of their weights, so a re-converted or copied
+folder still matches; hub models by id and revision (pin a commit: a branch name such as `main`
+can move).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from akd_cache.config import TeacherConfig
+from akd_cache.store.key import tokenizer_fingerprint
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+READ_BLOCK_BYTES = 1 << 22
+
+
+def teacher_identity(
+    teacher: TeacherConfig, teacher_path: str, tokenizer: PreTrainedTokenizerBase
+) -> dict:
+    """The ingredients every teacher output shares: which weights, in which dtype, which vocab."""
+    return {
+        "teacher": teacher.model,
+        "teacher_revision": teacher.revision,
+        "teacher_weights_sha256": weights_sha256(teacher_path),
+        "teacher_dtype": teacher.dtype,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def weights_sha256(model: str) -> str | None:
+    """A checksum over a local folder's config and weight files; None for a hub id."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
+    )
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise FileNotFoundError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(READ_BLOCK_BYTES):
+                digest.update(block)
+    return digest.hexdigest()
