@@ -116,9 +116,9 @@ def main() -> None:
             read_seconds = time.perf_counter() - start
             assert read_rows == n_rows
             kl = reconstruction_kl(cache, rows)
-            stats = cache.meta["stats"]
-        print(f"| {k} | {stats['bytes_per_row']:.1f} | {k * RAW_BYTES_PER_ENTRY} | "
-              f"{k * RAW_BYTES_PER_ENTRY / stats['bytes_per_row']:.2f}x | {kl.mean():.2e} | "
+            stats = cache.meta.stats
+        print(f"| {k} | {stats.bytes_per_row:.1f} | {k * RAW_BYTES_PER_ENTRY} | "
+              f"{k * RAW_BYTES_PER_ENTRY / stats.bytes_per_row:.2f}x | {kl.mean():.2e} | "
               f"{kl.max():.2e} | {n_rows / write_seconds:,.0f} | {n_rows / read_seconds:,.0f} |")
     print("\nWriter: init, encoding and shard writes, without the finalize statistics pass. "
           "Reader: every sample, decoded, in the trainer's shard-by-shard random order.\n")

@@ -56,9 +56,9 @@ def test_cache_from_the_real_teacher(first_run):
     student = workdir / "storage" / "models" / "student"
     assert AutoConfig.from_pretrained(student).num_hidden_layers == 2
     cache.check_student(AutoTokenizer.from_pretrained(student), expected_key=pointer["key"])
-    stats = cache.meta["stats"]
+    stats = cache.meta.stats
     # SmolLM2 is confident on CodeAlpaca responses: little mass outside its top 64
-    assert stats["mean_topk_mass"] > 0.9
+    assert stats.mean_topk_mass > 0.9
     sample = cache[0]
     assert np.exp(sample.target_logprob).mean() > 0.3
     summary = json.loads((workdir / "data" / "prepared" / "summary.json").read_text())

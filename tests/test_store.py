@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,7 +255,7 @@ def test_workers_fill_disjoint_shards_then_finalize(setup, reference_cache, tmp_
     second = {sid for batch in calls for sid in batch}
     assert first and second and not first & second
     assert first | second == {s.sample_id for s in setup["samples"]}
-    assert TeacherCache(str(location)).meta["complete"]
+    assert TeacherCache(str(location)).meta.complete
     for name, ref in row_arrays(reference_cache).items():
         np.testing.assert_array_equal(row_arrays(location)[name], ref, err_msg=name)
 
@@ -316,6 +317,32 @@ def test_store_imports_no_higher_package():
     loaded = ast.literal_eval(out)
     assert "akd_cache.store.reader" in loaded
     assert all(m == "akd_cache" or m.startswith("akd_cache.store") for m in loaded), loaded
+
+
+def test_meta_is_the_one_schema_of_the_attributes(setup, reference_cache, tmp_path):
+    """Written by the writer, read back typed by the reader and `akd inspect`; an attribute
+    missing from a copy of the cache is named in the reader's error."""
+    from akd_cache.store.inspect import describe
+
+    cache = TeacherCache(str(reference_cache))
+    meta = cache.meta
+    n_rows = sum(s.n_loss_rows for s in setup["samples"])
+    assert (meta.key, meta.k, meta.n_samples, meta.n_rows) == (
+        setup["ingredients"].key(), K, len(setup["samples"]), n_rows)
+    assert meta.ingredients == setup["ingredients"].to_dict()
+    assert meta.stats.rows == n_rows == sum(meta.stats.tail_mass_log10_hist.counts)
+    text = describe(cache)
+    assert f"key        {meta.key}  (complete)" in text
+    assert f"tokens     {meta.n_tokens} in sequences, {n_rows} teacher rows" in text
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference_cache, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    damaged = dict(group.attrs[fmt.ATTRS])
+    del damaged["complete"]
+    group.attrs[fmt.ATTRS] = damaged
+    with pytest.raises(CacheError, match="damaged 'akd_cache' attributes \\(complete: Field req"):
+        TeacherCache(str(copy))
 
 
 def test_reader_refuses_a_student_with_another_tokenizer(setup, reference_cache, tiny_models,

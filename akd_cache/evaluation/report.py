@@ -113,7 +113,7 @@ def load_tail_histogram(pointer_path: Path) -> dict | None:
         meta = TeacherCache(pointer["location"], allow_incomplete=True).meta
     except CacheError:
         return None
-    return meta.get("stats", {}).get("tail_mass_log10_hist")
+    return None if meta.stats is None else meta.stats.tail_mass_log10_hist.model_dump()
 
 
 def load_runs(runs_dir: Path, train_dir: Path | None = None) -> RunData:

@@ -12,6 +12,8 @@ Layout (R = loss rows, padded so that every shard holds whole samples; S = sampl
     vocab_rank          [V]    uint16|uint32  token id -> rank by frequency in the teacher's top-k
                                               over a calibration batch, then in `tokens`
     shard_done          [n_shards] uint8      1 once a shard is written whole (chunk of 1 each)
+    attrs["akd_cache"]  `CacheMeta`: the key and its ingredients, sizes, `complete` (written last,
+                        with the `CacheStats`)
 
 Why this coding (measured in docs/benchmarks.md): a top-k set in probability order costs its
 order on top of its members (~log2(k!) bits); sorted and delta-coded ids after renumbering the
@@ -26,12 +28,15 @@ tail log-mass and the target log-prob stay float32 because the tail is often bel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zarr
+from pydantic import BaseModel, ConfigDict
 from zarr.codecs import BloscCodec
 
 FORMAT_VERSION = 1
+ATTRS = "akd_cache"
 CODE_MAX = 100  # 7.7e-4 nat mean KL with SmolLM2, k = 64 (docs/benchmarks.md)
 CALIBRATION_ROWS = 4096
 # sqrt(p) below half a step decodes to the mean of p over that interval: E[u^2], u ~ U(0, h)
@@ -43,6 +48,54 @@ BLOSC_BLOCK_BYTES = 1 << 20
 ID_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 UINT16_LIMIT = 1 << 16
+
+
+class _Attrs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TailHistogram(_Attrs):
+    edges: list[int]  # log10 of the tail mass
+    counts: list[int]
+
+
+class CacheStats(_Attrs):
+    """Summary numbers of a finished cache (`store.stats.cache_stats`)."""
+
+    rows: int
+    mean_topk_mass: float
+    mean_entropy_nat: float
+    tail_mass_log10_hist: TailHistogram
+    row_bytes: int
+    bytes_per_row: float
+    total_bytes: int
+
+
+class CacheMeta(_Attrs):
+    """The group's attributes: what the cache is (key, ingredients) and its sizes."""
+
+    key: str
+    ingredients: dict[str, Any]
+    tool_version: str
+    created: str  # ISO 8601, UTC
+    n_samples: int
+    n_rows: int
+    n_tokens: int
+    k: int
+    vocab_size: int
+    shard_rows: int
+    n_shards: int
+    complete: bool
+    stats: CacheStats | None = None  # set together with `complete`
+
+    @classmethod
+    def read(cls, group: zarr.Group) -> CacheMeta | None:
+        """None for a group that holds no akd-cache attributes (not a cache, or not yet one)."""
+        raw = group.attrs.get(ATTRS)
+        return None if raw is None else cls.model_validate(raw)
+
+    def write(self, group: zarr.Group) -> None:
+        group.attrs[ATTRS] = self.model_dump(mode="json", exclude_none=True)
 
 
 def open_cache_group(location: str, mode: str) -> zarr.Group:

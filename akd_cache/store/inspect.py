@@ -12,25 +12,25 @@ def describe(cache: TeacherCache) -> str:
     meta = cache.meta
     lines = [
         f"cache      {cache.location}",
-        f"key        {meta['key']}  ({'complete' if meta['complete'] else 'INCOMPLETE'})",
-        f"samples    {meta['n_samples']}",
-        f"tokens     {meta['n_tokens']} in sequences, {meta['n_rows']} teacher rows",
-        f"k          {meta['k']}  (vocabulary {meta['vocab_size']})",
+        f"key        {meta.key}  ({'complete' if meta.complete else 'INCOMPLETE'})",
+        f"samples    {meta.n_samples}",
+        f"tokens     {meta.n_tokens} in sequences, {meta.n_rows} teacher rows",
+        f"k          {meta.k}  (vocabulary {meta.vocab_size})",
     ]
-    stats = meta.get("stats")
-    if stats:
+    stats = meta.stats
+    if stats is not None:
         lines += [
-            f"bytes/row  {stats['bytes_per_row']:.1f}  (teacher rows {stats['row_bytes']} B, "
-            f"whole cache {stats['total_bytes']} B)",
-            f"top-k mass {stats['mean_topk_mass']:.4f} mean",
-            f"entropy    {stats['mean_entropy_nat']:.4f} nat mean (top-k + tail buckets)",
+            f"bytes/row  {stats.bytes_per_row:.1f}  (teacher rows {stats.row_bytes} B, "
+            f"whole cache {stats.total_bytes} B)",
+            f"top-k mass {stats.mean_topk_mass:.4f} mean",
+            f"entropy    {stats.mean_entropy_nat:.4f} nat mean (top-k + tail buckets)",
             "tail mass histogram:",
         ]
-        counts = stats["tail_mass_log10_hist"]["counts"]
+        counts = stats.tail_mass_log10_hist.counts
         peak = max(max(counts), 1)
         for lo, hi, count in zip(TAIL_HIST_EDGES[:-1], TAIL_HIST_EDGES[1:], counts):
             label = f"< 1e{hi}" if lo == TAIL_HIST_EDGES[0] else f"1e{lo}..1e{hi}"
             lines.append(f"  {label:>12} {count:>9} {'#' * round(BAR_WIDTH * count / peak)}")
     lines.append("ingredients:")
-    lines += [f"  {name:<24} {value}" for name, value in sorted(meta["ingredients"].items())]
+    lines += [f"  {name:<24} {value}" for name, value in sorted(meta.ingredients.items())]
     return "\n".join(lines)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from akd_cache.store import format as fmt
 from akd_cache.store.key import tokenizer_fingerprint
-from akd_cache.store.writer import ATTRS
 
 
 class CacheError(ValueError):
@@ -40,13 +40,20 @@ class TeacherCache:
             self.group = fmt.open_cache_group(location, mode="r")
         except FileNotFoundError:
             raise CacheError(f"{location}: no teacher cache there") from None
-        meta = self.group.attrs.get(ATTRS)
+        try:
+            meta = fmt.CacheMeta.read(self.group)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(map(str, first["loc"]))
+            raise CacheError(
+                f"{location}: damaged '{fmt.ATTRS}' attributes ({field}: {first['msg']})"
+            ) from None
         if meta is None:
-            raise CacheError(f"{location}: not an akd-cache teacher cache (no '{ATTRS}' attrs)")
-        if not meta["complete"] and not allow_incomplete:
+            raise CacheError(f"{location}: not an akd-cache teacher cache (no '{fmt.ATTRS}' attrs)")
+        if not meta.complete and not allow_incomplete:
             done = int(self.group["shard_done"][:].sum())
             raise CacheError(
-                f"{location}: incomplete cache ({done} of {meta['n_shards']} shards); resume "
+                f"{location}: incomplete cache ({done} of {meta.n_shards} shards); resume "
                 "the cache stage, or pass allow_incomplete=True"
             )
         self.location = location
@@ -88,15 +95,15 @@ class TeacherCache:
 
     @property
     def key(self) -> str:
-        return self.meta["key"]
+        return self.meta.key
 
     @property
     def k(self) -> int:
-        return self.meta["k"]
+        return self.meta.k
 
     @property
     def ingredients(self) -> dict:
-        return self.meta["ingredients"]
+        return self.meta.ingredients
 
     def __len__(self) -> int:
         return len(self.sample_ids)

@@ -27,7 +27,7 @@ def row_entropy(logprobs: np.ndarray, tail_logmass: np.ndarray) -> np.ndarray:
     return -(np.exp(lp) * lp).sum(1) - np.where(tail_p > 0, tail_p * tail, 0.0)
 
 
-def cache_stats(group: zarr.Group, location: str) -> dict:
+def cache_stats(group: zarr.Group, location: str) -> fmt.CacheStats:
     samples = group["samples"]
     codes_arr = group["rows/codes"]
     mask = real_row_mask(samples["row_start"][:], samples["n_rows"][:], codes_arr.shape[0])
@@ -47,12 +47,12 @@ def cache_stats(group: zarr.Group, location: str) -> dict:
     n = int(mask.sum())
     fs, root = fsspec.core.url_to_fs(location)
     row_bytes = int(fs.du(f"{root.rstrip('/')}/rows"))
-    return {
-        "rows": n,
-        "mean_topk_mass": topk_mass / n,
-        "mean_entropy_nat": entropy / n,
-        "tail_mass_log10_hist": {"edges": list(TAIL_HIST_EDGES), "counts": hist.tolist()},
-        "row_bytes": row_bytes,
-        "bytes_per_row": row_bytes / n,
-        "total_bytes": int(fs.du(root)),
-    }
+    return fmt.CacheStats(
+        rows=n,
+        mean_topk_mass=topk_mass / n,
+        mean_entropy_nat=entropy / n,
+        tail_mass_log10_hist=fmt.TailHistogram(edges=list(TAIL_HIST_EDGES), counts=hist.tolist()),
+        row_bytes=row_bytes,
+        bytes_per_row=row_bytes / n,
+        total_bytes=int(fs.du(root)),
+    )

@@ -26,7 +26,6 @@ from akd_cache.store.lock import WriterLock
 from akd_cache.store.rows import TeacherBackend, TeacherRows, TokenizedSample
 from akd_cache.store.stats import cache_stats
 
-ATTRS = "akd_cache"
 SCORE_BATCH_SAMPLES = 64
 INIT_WAIT_S = 3600.0
 
@@ -85,11 +84,11 @@ def open_or_init(
     """
     plan = plan_shards([s.n_loss_rows for s in samples], shard_rows)
     group = fmt.open_cache_group(location, mode="a")
-    meta = group.attrs.get(ATTRS)
+    meta = fmt.CacheMeta.read(group)
     if meta is not None:
-        if meta["key"] != ingredients.key():
+        if meta.key != ingredients.key():
             raise IncompatibleCacheError(
-                f"{location}: holds cache {meta['key']}, not {ingredients.key()}; "
+                f"{location}: holds cache {meta.key}, not {ingredients.key()}; "
                 "a cache location is tied to its key"
             )
         return group, plan
@@ -119,20 +118,20 @@ def open_or_init(
     group.create_array(
         "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), overwrite=True
     )
-    group.attrs[ATTRS] = {
-        "key": ingredients.key(),
-        "ingredients": ingredients.to_dict(),
-        "tool_version": __version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "n_samples": len(samples),
-        "n_rows": int(tables["n_rows"].sum()),
-        "n_tokens": len(tokens),
-        "k": ingredients.k,
-        "vocab_size": vocab_size,
-        "shard_rows": shard_rows,
-        "n_shards": plan.n_shards,
-        "complete": False,
-    }
+    fmt.CacheMeta(
+        key=ingredients.key(),
+        ingredients=ingredients.to_dict(),
+        tool_version=__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        n_samples=len(samples),
+        n_rows=int(tables["n_rows"].sum()),
+        n_tokens=len(tokens),
+        k=ingredients.k,
+        vocab_size=vocab_size,
+        shard_rows=shard_rows,
+        n_shards=plan.n_shards,
+        complete=False,
+    ).write(group)
     return group, plan
 
 
@@ -140,7 +139,7 @@ def write_shard(
     group: zarr.Group, plan: ShardPlan, shard: int, rows: Sequence[TeacherRows]
 ) -> None:
     vocab_rank = group["vocab_rank"][:]
-    k = group.attrs[ATTRS]["k"]
+    k = fmt.CacheMeta.read(group).k
     ids = np.zeros((plan.shard_rows, k), dtype=vocab_rank.dtype)
     codes = np.zeros((plan.shard_rows, k), dtype=np.uint8)
     tail = np.zeros(plan.shard_rows, dtype=np.float32)
@@ -191,7 +190,7 @@ def fill(
             group, plan = open_or_init(
                 location, samples, ingredients, vocab_size, shard_rows, teacher
             )
-        if group.attrs[ATTRS]["complete"]:
+        if fmt.CacheMeta.read(group).complete:
             return True
         done = group["shard_done"][:]
         todo = [s for s in worker_shards(plan.n_shards, worker_index, num_workers) if not done[s]]
@@ -211,12 +210,10 @@ def fill(
 
 def finalize(group: zarr.Group, location: str) -> bool:
     """Mark the cache complete once every shard is done; the stats go in with the marker."""
-    meta = dict(group.attrs[ATTRS])
-    if meta["complete"]:
+    meta = fmt.CacheMeta.read(group)
+    if meta.complete:
         return True
     if not group["shard_done"][:].all():
         return False
-    meta["stats"] = cache_stats(group, location)
-    meta["complete"] = True
-    group.attrs[ATTRS] = meta
+    meta.model_copy(update={"stats": cache_stats(group, location), "complete": True}).write(group)
     return True
