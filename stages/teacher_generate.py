@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from akd_cache.data.instructions import read_examples
 from akd_cache.models.resolve import resolve_model
+from akd_cache.store.generations import generations_location
 from akd_cache.teacher.build import load_tokenizer
 from akd_cache.teacher.generate import (
     generate_responses,
-    generations_location,
     generator_factory,
     make_generation_ingredients,
 )

@@ -18,14 +18,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from akd_cache.config import CacheConfig, Experiment, TeacherConfig, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
-from akd_cache.store.reader import collate
-from akd_cache.student.seqkd_data import EMPTY_RESPONSE, SeqKDDataset
-from akd_cache.student.trainer import DistillationModule
-from akd_cache.teacher.generate import (
+from akd_cache.store.generations import (
     COMPLETE_FILE,
     GENERATIONS_FILE,
     META_FILE,
     GenerationCacheError,
+    read_generations,
+    truncated_sample_ids,
+)
+from akd_cache.store.reader import collate
+from akd_cache.student.seqkd_data import EMPTY_RESPONSE, SeqKDDataset
+from akd_cache.student.trainer import DistillationModule
+from akd_cache.teacher.generate import (
     GenerationIngredients,
     HFGenerator,
     Response,
@@ -33,9 +37,7 @@ from akd_cache.teacher.generate import (
     generator_factory,
     make_generation_ingredients,
     prompts_sha256,
-    read_generations,
     split_stops,
-    truncated_sample_ids,
 )
 
 N_EXAMPLES = 6

@@ -21,9 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from akd_cache.config import CacheConfig
 from akd_cache.data.instructions import DroppedRow, Example
 from akd_cache.data.tokenize import tokenize_split
+from akd_cache.store.generations import read_generations, truncated_sample_ids
 from akd_cache.store.reader import CachedSample
 from akd_cache.store.rows import TokenizedSample
-from akd_cache.teacher.generate import read_generations, truncated_sample_ids
 
 PLACEHOLDER_K = 1
 EMPTY_RESPONSE = "empty teacher response"
@@ -63,7 +63,9 @@ class SeqKDDataset(torch.utils.data.Dataset):
         cls, location: str | Path, tokenizer: PreTrainedTokenizerBase, cache: CacheConfig
     ) -> SeqKDDataset:
         """Over a complete folder written by `generate_responses`."""
-        return cls(read_generations(location), tokenizer, cache, truncated_sample_ids(location))
+        examples = [Example(g.sample_id, g.instruction, g.input, g.output)
+                    for g in read_generations(location)]
+        return cls(examples, tokenizer, cache, truncated_sample_ids(location))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -1,11 +1,10 @@
 """Stage 1, generate mode (SeqKD): the teacher's response to every training prompt, cached.
 
 Like the logit cache, the folder is `<root>/<key>`, the key a hash of every ingredient that
-decides the text (`GenerationIngredients`, kept readable in `meta.json`), so the same teacher,
-prompts and settings always land in (and reuse) the same folder. Responses are appended to
-`generations.jsonl` as they finish: a crash loses at most the batch in flight, and a re-run
-generates only what is missing. `complete.json`, written last, marks a finished folder, which is
-returned without building the teacher.
+decides the text (`GenerationIngredients`), so the same teacher, prompts and settings always land
+in (and reuse) the same folder (its layout: `akd_cache.store.generations`). Responses are
+appended as they finish: a crash loses at most the batch in flight, and a re-run generates only
+what is missing. A complete folder is returned without building the teacher.
 
 Decoding is greedy only, and greedy means the argmax of the model's own logits on both backends
 (a model's shipped sampling or penalty defaults are not applied). Greedy output does not depend
@@ -16,7 +15,6 @@ other stop strings, matched on the decoded response and cut off before the first
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -39,14 +37,13 @@ from transformers import (
 from akd_cache.config import TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.store import generations
 from akd_cache.store.key import hash_key
-from akd_cache.store.lock import WriterLock
 from akd_cache.teacher.hf_backend import DTYPES
 from akd_cache.teacher.identity import teacher_identity
 
 FORMAT_VERSION = 1
 GREEDY = "greedy"
-DEFAULT_ROOT = "storage/teacher-generations"
 DEFAULT_MAX_NEW_TOKENS = 512  # CacheConfig.max_length: anything longer is cut at training
 # The template's own section headers (a teacher that starts one is past its answer) and the
 # end-of-turn texts of chat and StarCoder tokenizers.
@@ -55,10 +52,6 @@ DEFAULT_STOPS: tuple[str, ...] = (
 )
 DEFAULT_BATCH_SIZE = 8
 VLLM_CHUNK_PROMPTS = 256  # prompts per vLLM call: what a crash can lose, not a speed setting
-GENERATIONS_FILE = "generations.jsonl"
-META_FILE = "meta.json"
-COMPLETE_FILE = "complete.json"
-LOCK_NAME = "generate"
 REPLACEMENT_CHAR = "\ufffd"  # what decoding makes of the bytes of an incomplete character
 
 
@@ -110,10 +103,6 @@ def make_generation_ingredients(
         max_new_tokens=max_new_tokens,
         stops=tuple(stops),
     )
-
-
-def generations_location(key: str, root: str = DEFAULT_ROOT) -> Path:
-    return Path(root) / key
 
 
 # --- backends -------------------------------------------------------------------------------
@@ -292,51 +281,7 @@ def generator_factory(
     return make
 
 
-# --- the cache folder -----------------------------------------------------------------------
-
-
-class GenerationCacheError(ValueError):
-    pass
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-def _check_or_init_meta(folder: Path, ingredients: GenerationIngredients) -> None:
-    meta = folder / META_FILE
-    if meta.exists():
-        found = json.loads(meta.read_text())["key"]
-        if found != ingredients.key():
-            raise GenerationCacheError(
-                f"{folder}: holds generations {found}, not {ingredients.key()}; a location is "
-                "tied to its key"
-            )
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(meta, {"key": ingredients.key(), "ingredients": asdict(ingredients)})
-
-
-def _parse_lines(data: bytes) -> tuple[list[dict], int]:
-    """The records of the complete lines, and where they end. Split on b"\n" only: a response
-    may hold other line breaks (U+2028, U+0085), which JSON leaves unescaped."""
-    end = data.rfind(b"\n") + 1
-    return [json.loads(line) for line in data[:end].split(b"\n")[:-1]], end
-
-
-def _resume_records(path: Path) -> list[dict]:
-    """The records so far; a last line cut short by a crash is removed from the file, so that
-    the next append starts on a fresh line."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records, end = _parse_lines(data)
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return records
+# --- filling the folder (its I/O: akd_cache.store.generations) -----------------------------
 
 
 def generate_responses(
@@ -354,68 +299,36 @@ def generate_responses(
     folder = Path(location)
     if ingredients.prompts_sha256 != prompts_sha256(examples, ingredients.template):
         raise ValueError("the ingredients were made for other examples or another template")
-    _check_or_init_meta(folder, ingredients)
-    if (folder / COMPLETE_FILE).exists():
+    generations.check_or_init(folder, ingredients.key(), asdict(ingredients))
+    if generations.is_complete(folder):
         return folder
-    path = folder / GENERATIONS_FILE
-    with WriterLock(str(folder), LOCK_NAME, break_lock):
-        done = {r["sample_id"] for r in _resume_records(path)}
+    with generations.writer_lock(folder, break_lock):
+        done = {g.sample_id for g in generations.read_so_far(folder)}
         todo = [e for e in examples if e.sample_id not in done]
         if todo:
-            _generate_into(path, todo, ingredients, backend())
-        records = _resume_records(path)
-        _write_json(folder / COMPLETE_FILE, {
-            "n_samples": len(records),
-            "n_truncated": sum(r["truncated"] for r in records),
-            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        })
+            _generate_into(folder, todo, ingredients, backend())
+        generations.mark_complete(folder)
     return folder
 
 
 def _generate_into(
-    path: Path, todo: list[Example], ingredients: GenerationIngredients,
+    folder: Path, todo: list[Example], ingredients: GenerationIngredients,
     teacher: GenerationBackend,
 ) -> None:
     prompts = [render_prompt(ingredients.template, e.instruction, e.input) for e in todo]
     responses = teacher.generate(prompts, ingredients.max_new_tokens, ingredients.stops)
+
+    def finished() -> Iterator[generations.Generation]:
+        for index, response in tqdm(
+            responses, total=len(todo), desc="teacher generate", unit="sample"
+        ):
+            e = todo[index]
+            yield generations.Generation(e.sample_id, e.instruction, e.input, response.text,
+                                         response.truncated)
+
     try:
-        with open(path, "a", encoding="utf-8") as out:
-            for index, response in tqdm(
-                responses, total=len(todo), desc="teacher generate", unit="sample"
-            ):
-                e = todo[index]
-                record = {"sample_id": e.sample_id, "instruction": e.instruction,
-                          "input": e.input, "output": response.text,
-                          "truncated": response.truncated}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
+        generations.append(folder, finished())
     finally:
         close = getattr(teacher, "close", None)  # engines with processes to shut down
         if close is not None:
             close()
-
-
-def _read_records(location: str | Path, allow_incomplete: bool) -> list[dict]:
-    folder = Path(location)
-    if not (folder / META_FILE).exists():
-        raise GenerationCacheError(f"{folder}: no teacher generations there")
-    if not (folder / COMPLETE_FILE).exists() and not allow_incomplete:
-        raise GenerationCacheError(
-            f"{folder}: incomplete generations; resume the generate stage, or pass "
-            "allow_incomplete=True"
-        )
-    path = folder / GENERATIONS_FILE
-    return _parse_lines(path.read_bytes())[0] if path.exists() else []
-
-
-def read_generations(location: str | Path, allow_incomplete: bool = False) -> list[Example]:
-    """The generated responses as examples (`output` = the teacher's text), by sample_id."""
-    fields = ("sample_id", "instruction", "input", "output")
-    records = _read_records(location, allow_incomplete)
-    return sorted((Example(**{f: r[f] for f in fields}) for r in records),
-                  key=lambda e: e.sample_id)
-
-
-def truncated_sample_ids(location: str | Path, allow_incomplete: bool = False) -> set[str]:
-    """The samples whose response ran out of max_new_tokens: it never ended."""
-    return {r["sample_id"] for r in _read_records(location, allow_incomplete) if r["truncated"]}
