@@ -7,10 +7,12 @@ once with `--finalize-only` (or let the last worker finish it). Interrupted runs
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from transformers import AutoConfig
 
-from akd_cache.data.instructions import read_examples, write_jsonl
+from akd_cache import jsonl
+from akd_cache.data.instructions import read_examples
 from akd_cache.data.tokenize import tokenize_split
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.writer import fill
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_path = resolve_model(profile.teacher.model)
     tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
     split = tokenize_split(tokenizer, read_examples(PREPARED_DIR / "train.jsonl"), profile.cache)
-    write_jsonl(TEACHER_CACHE_DROPPED, split.dropped)
+    jsonl.write(TEACHER_CACHE_DROPPED, map(asdict, split.dropped))
     summary = json.loads((PREPARED_DIR / "summary.json").read_text())
     ingredients = make_ingredients(
         teacher=profile.teacher, teacher_path=teacher_path, tokenizer=tokenizer,

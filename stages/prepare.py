@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from akd_cache.data.instructions import drop_summary, prepare, write_jsonl
+from dataclasses import asdict
+
+from akd_cache import jsonl
+from akd_cache.data.instructions import check_rows, drop_summary, split_data
 from stages.common import PREPARED_DIR, load_stage_profile, stage_args, write_json
+
+DROPPED = PREPARED_DIR / "dropped.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__).parse_args(argv)
     profile = load_stage_profile(args)
-    data = prepare(profile.data)
-    write_jsonl(PREPARED_DIR / "train.jsonl", data.train)
-    write_jsonl(PREPARED_DIR / "heldout.jsonl", data.heldout)
-    write_jsonl(PREPARED_DIR / "dropped.jsonl", data.dropped)
+    checked = check_rows(profile.data)
+    jsonl.write(DROPPED, map(asdict, checked.dropped))  # before the split can refuse the data
+    data = split_data(checked, profile.data)
+    jsonl.write(PREPARED_DIR / "train.jsonl", map(asdict, data.train))
+    jsonl.write(PREPARED_DIR / "heldout.jsonl", map(asdict, data.heldout))
     summary = drop_summary(data.dropped, data.n_rows)
     write_json(PREPARED_DIR / "summary.json", {
         "dataset": profile.data.dataset,
@@ -24,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summary,
     })
     print(f"prepare: {summary}; {len(data.train)} train, {len(data.heldout)} held out "
-          f"(dropped rows listed in {PREPARED_DIR / 'dropped.jsonl'})")
+          f"(dropped rows listed in {DROPPED})")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import yaml
 from transformers import AutoTokenizer
 
+from akd_cache.cli import main as akd
 from akd_cache.config import DataConfig
 from akd_cache.data.instructions import BadRow, Example, drop_summary, prepare
 from akd_cache.data.tokenize import tokenize_example
@@ -46,6 +48,68 @@ def test_unparsable_jsonl_line_is_one_bad_row(tmp_path):
     path.write_text("\n".join([json.dumps(r) for r in GOOD[:5]] + ["{oops"]) + "\n")
     data = prepare(DataConfig(dataset=str(path), heldout=1))
     assert [d.reason.split(" (")[0] for d in data.dropped] == ["unparsable JSON"]
+
+
+def test_a_row_holding_a_unicode_line_separator_is_one_good_row(tmp_path):
+    """JSON leaves U+2028 / U+2029 / U+0085 unescaped; str.splitlines() would split there."""
+    rows = [dict(r) for r in GOOD[:4]]
+    rows[1]["output"] = "a = 1\u2028b = 2\u2029c = 3\x85"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+    data = prepare(DataConfig(dataset=str(path), heldout=1))
+    assert data.dropped == [] and data.n_rows == 4
+    assert rows[1]["output"] in [e.output for e in data.train + data.heldout]
+
+
+def run_prepare(tmp_path, monkeypatch, data: dict) -> None:
+    """`akd prepare` as a user runs it: a params file in the working directory."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"profile": "t", "profiles": {"t": {
+        "data": data, "teacher": {"model": "embedded:smollm2"},
+        "student": {"model": "storage/models/student"},
+    }}}))
+    monkeypatch.chdir(tmp_path)
+    akd(["prepare", "--params", "params.yaml"])
+
+
+def dropped_rows(tmp_path) -> list[dict]:
+    path = tmp_path / "data" / "prepared" / "dropped.jsonl"
+    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
+
+
+def test_cli_drops_a_jsonl_row_with_a_non_utf8_byte_and_lists_it(tmp_path, monkeypatch):
+    lines = [json.dumps(r).encode() for r in GOOD[:6]]
+    lines[2] = lines[2].replace(b"Task 2", b"Task \xe9")  # latin-1 e-acute: not UTF-8
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    run_prepare(tmp_path, monkeypatch, {"dataset": "d.jsonl", "heldout": 1})
+    column = lines[2].index(b"\xe9") + 1
+    assert dropped_rows(tmp_path) == [{
+        "sample_id": "row-000002", "stage": "prepare",
+        "reason": f"not UTF-8 (byte 0xe9 at column {column}), line 3",
+    }]
+    summary = json.loads((tmp_path / "data" / "prepared" / "summary.json").read_text())
+    assert (summary["train"], summary["heldout"], summary["dropped"]) == (4, 1, 1)
+
+
+def test_cli_names_file_and_offset_of_a_non_utf8_byte_in_a_json_file(tmp_path, monkeypatch):
+    body = json.dumps(GOOD).encode()
+    offset = body.index(b"Task 7") + len(b"Task ")
+    (tmp_path / "d.json").write_bytes(body[:offset] + b"\xff" + body[offset + 1 :])
+    with pytest.raises(ValueError) as err:
+        run_prepare(tmp_path, monkeypatch, {"dataset": "d.json", "heldout": 1})
+    assert str(err.value).startswith(f"d.json: not UTF-8 at byte offset {offset} (0xff)")
+    assert "\n" not in str(err.value)
+
+
+def test_cli_names_the_cause_when_a_column_is_missing_and_lists_every_row(tmp_path,
+                                                                          monkeypatch):
+    (tmp_path / "d.json").write_text(json.dumps(GOOD))
+    columns = {"instruction": "question", "output": "output"}
+    with pytest.raises(ValueError, match="most dropped: 20 missing field 'question'"):
+        run_prepare(tmp_path, monkeypatch, {"dataset": "d.json", "heldout": 0,
+                                            "schema": "custom", "columns": columns})
+    dropped = dropped_rows(tmp_path)
+    assert [d["sample_id"] for d in dropped] == [f"row-{i:06d}" for i in range(len(GOOD))]
+    assert {d["reason"] for d in dropped} == {"missing field 'question'"}
 
 
 def test_split_is_seeded_disjoint_and_complete(tmp_path):

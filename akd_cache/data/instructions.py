@@ -2,7 +2,7 @@
 
 Local JSON / JSONL files are parsed with the json module rather than `datasets`, so a single row
 with a wrong type is dropped and reported instead of failing Arrow's schema inference for the
-whole file. Hub ids go through `datasets`. The content hash covers the rows themselves, not file
+whole file; a JSONL line that is not UTF-8 JSON is one dropped row. Hub ids go through `datasets`. The content hash covers the rows themselves, not file
 mtimes, so two copies of the same data share one teacher cache.
 """
 
@@ -12,9 +12,10 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from akd_cache import jsonl
 from akd_cache.config import DataConfig
 
 SCHEMA_COLUMNS: dict[str, dict[str, str]] = {
@@ -42,48 +43,55 @@ class BadRow(ValueError):
     """One row that cannot be used; it is counted and reported, never fatal."""
 
 
-def read_rows(dataset: str, hub_split: str = "train") -> list[dict]:
+def _read_json_array(path: Path) -> list:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 at byte offset {err.start} (0x{data[err.start]:02x}); "
+            "re-encode the file as UTF-8"
+        ) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def read_rows(dataset: str, hub_split: str = "train") -> list:
+    """The dataset's rows; a JSONL line that cannot be decoded is a `jsonl.BadLine` in its place,
+    to be dropped as one row."""
     path = Path(dataset)
     if path.suffix in {".json", ".jsonl"}:
         if not path.exists():
             raise FileNotFoundError(f"{path}: dataset file not found")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            rows = []
-            for line_no, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    rows.append({"__unparsable__": f"line {line_no}: {err.msg}"})
-            return rows
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        return rows
+        return jsonl.read_lines(path) if path.suffix == ".jsonl" else _read_json_array(path)
     from datasets import load_dataset
 
     return list(load_dataset(dataset, split=hub_split))
 
 
-def content_sha256(rows: list[dict]) -> str:
+def content_sha256(rows: list) -> str:
+    """Over the rows as parsed; a line that could not be decoded, over its bytes."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        if isinstance(row, jsonl.BadLine):
+            digest.update(row.raw)
+        else:
+            digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 
 
 def to_example(index: int, row: object, columns: dict[str, str]) -> Example:
     sample_id = f"row-{index:06d}"
+    if isinstance(row, jsonl.BadLine):
+        raise BadRow(f"{row.reason}, line {row.line_no}")
     if not isinstance(row, dict):
         raise BadRow(f"row is a {type(row).__name__}, not an object")
-    if "__unparsable__" in row:
-        raise BadRow(f"unparsable JSON ({row['__unparsable__']})")
     fields = {}
     for field in ("instruction", "input", "output"):
         column = columns.get(field)
@@ -104,6 +112,14 @@ def to_example(index: int, row: object, columns: dict[str, str]) -> Example:
 
 
 @dataclass(frozen=True)
+class CheckedData:
+    examples: list[Example]
+    dropped: list[DroppedRow]
+    content_sha256: str
+    n_rows: int
+
+
+@dataclass(frozen=True)
 class PreparedData:
     train: list[Example]
     heldout: list[Example]
@@ -112,7 +128,8 @@ class PreparedData:
     n_rows: int
 
 
-def prepare(cfg: DataConfig) -> PreparedData:
+def check_rows(cfg: DataConfig) -> CheckedData:
+    """Every row as an example, or dropped with its reason; duplicates after the first dropped."""
     rows = read_rows(cfg.dataset, cfg.hub_split)
     columns = cfg.columns if cfg.schema_ == "custom" else SCHEMA_COLUMNS[cfg.schema_]
     examples: list[Example] = []
@@ -130,10 +147,17 @@ def prepare(cfg: DataConfig) -> PreparedData:
             continue
         seen.add(identity)
         examples.append(example)
+    return CheckedData(examples, dropped, content_sha256(rows), len(rows))
+
+
+def split_data(checked: CheckedData, cfg: DataConfig) -> PreparedData:
+    """A seeded held-out / train split of the usable examples."""
+    examples = checked.examples
     if cfg.heldout >= len(examples):
+        cause = f"; most dropped: {drop_reasons(checked.dropped)[0]}" if checked.dropped else ""
         raise ValueError(
             f"{cfg.dataset}: data.heldout={cfg.heldout} leaves no training data "
-            f"({len(examples)} usable rows)"
+            f"({len(examples)} usable of {checked.n_rows} rows{cause})"
         )
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
@@ -143,28 +167,28 @@ def prepare(cfg: DataConfig) -> PreparedData:
     return PreparedData(
         train=[examples[i] for i in train],
         heldout=[examples[i] for i in heldout],
-        dropped=dropped,
-        content_sha256=content_sha256(rows),
-        n_rows=len(rows),
+        dropped=checked.dropped,
+        content_sha256=checked.content_sha256,
+        n_rows=checked.n_rows,
     )
 
 
-def write_jsonl(path: Path, records: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(asdict(record), ensure_ascii=False) + "\n" for record in records)
-    tmp.replace(path)
+def prepare(cfg: DataConfig) -> PreparedData:
+    return split_data(check_rows(cfg), cfg)
 
 
 def read_examples(path: Path) -> list[Example]:
-    with open(path, encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
+    return [Example(**record) for record in jsonl.read(path)]
+
+
+def drop_reasons(dropped: list[DroppedRow]) -> list[str]:
+    """Each reason with its count ("3 empty output"), the most common first; the details in
+    parentheses are left out, so that rows dropped for one cause count together."""
+    reasons = Counter(d.reason.split(" (")[0] for d in dropped)
+    return [f"{count} {reason}" for reason, count in reasons.most_common()]
 
 
 def drop_summary(dropped: list[DroppedRow], total: int) -> str:
     if not dropped:
         return f"kept all {total} rows"
-    reasons = Counter(d.reason.split(" (")[0] for d in dropped)
-    detail = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-    return f"dropped {len(dropped)} of {total} rows: {detail}"
+    return f"dropped {len(dropped)} of {total} rows: {', '.join(drop_reasons(dropped))}"
