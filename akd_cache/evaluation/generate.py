@@ -28,6 +28,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from akd_cache import jsonl
 from akd_cache.evaluation.postprocess import DEFAULT_STOPS, FENCE, find_stop, to_solution
 from akd_cache.evaluation.problems import Dataset, Problem, build_prompt, load_problems
 
@@ -199,18 +200,13 @@ def _existing(out_path: Path, n_samples: int) -> set[str]:
     crash are dropped from the file, so they are generated again."""
     if not out_path.exists():
         return set()
-    rows = []
-    for line in out_path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    rows = [row for row in jsonl.read_lines(out_path) if not isinstance(row, jsonl.BadLine)]
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_task[row["task_id"]].append(row)
     done = {t for t, task_rows in by_task.items() if len(task_rows) >= n_samples}
     kept = [row for row in rows if row["task_id"] in done]
-    out_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    jsonl.write(out_path, kept, ensure_ascii=True)  # evalplus reads it in the locale's encoding
     return done
 
 

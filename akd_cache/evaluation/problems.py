@@ -9,12 +9,12 @@ runs evalplus in a child process whose environment carries the override (`overri
 from __future__ import annotations
 
 import ast
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from akd_cache import jsonl
 from akd_cache.data.templates import render_prompt
 
 Dataset = Literal["humaneval", "mbpp"]
@@ -77,7 +77,7 @@ def read_rows(path: Path) -> list[dict]:
 def write_rows(rows: list[dict], path: Path) -> Path:
     """Plain (not gzipped) jsonl: gzip stamps a time into its header, and evalplus keys its
     ground-truth cache on the file's md5, so a gzipped subset would never hit the cache."""
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    jsonl.write(path, rows, ensure_ascii=True)  # evalplus reads it in the locale's encoding
     return path
 
 

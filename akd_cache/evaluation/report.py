@@ -19,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from akd_cache import jsonl
 from akd_cache.config import Experiment, Params
 from akd_cache.evaluation.score import accuracy_loss
 from akd_cache.evaluation.taxonomy import (
@@ -86,13 +87,7 @@ def read_json(path: Path) -> dict | None:
 
 def read_log(path: Path) -> list[dict]:
     """The JSON lines of a training log; a line cut short by a run still writing is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return [row for row in jsonl.read_lines(path) if not isinstance(row, jsonl.BadLine)]
 
 
 def _per_folder(root: Path, name: str) -> dict[str, Path]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
+from akd_cache import jsonl
 from akd_cache.config import EvalConfig
 from akd_cache.evaluation.generate import GenerationConfig, generate_samples
 from akd_cache.evaluation.problems import load_problems
@@ -50,8 +50,7 @@ def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig) -> dict:
         problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
         summary, rows = classify(attempts_from_scores(result.samples, problems),
                                  workers=cfg.taxonomy_workers)
-        with open(out / f"{dataset}_taxonomy.jsonl", "w") as f:
-            f.writelines(json.dumps(asdict(row)) + "\n" for row in rows)
+        jsonl.write(out / f"{dataset}_taxonomy.jsonl", map(asdict, rows), ensure_ascii=True)
         datasets[dataset] = {
             "base_pass_at_1": result.base_pass_at_1,
             "plus_pass_at_1": result.plus_pass_at_1,

@@ -34,6 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from akd_cache import jsonl
 from akd_cache.evaluation.problems import (
     Dataset,
     dataset_file,
@@ -137,7 +138,7 @@ def accuracy_loss(teacher_pass: float, student_pass: float) -> float:
 
 
 def read_samples(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return jsonl.read(path)
 
 
 def _dataset_for(samples: list[dict], source: Path, run_dir: Path, allow_subset: bool) -> Path:
