@@ -20,8 +20,8 @@ def describe(cache: TeacherCache) -> str:
     stats = meta.stats
     if stats is not None:
         lines += [
-            f"bytes/row  {stats.bytes_per_row:.1f}  (teacher rows {stats.row_bytes} B, "
-            f"whole cache {stats.total_bytes} B)",
+            (f"bytes/row  {stats.bytes_per_row:.1f}  (teacher rows {stats.row_bytes} B, "
+             f"whole cache {stats.total_bytes} B)"),
             f"top-k mass {stats.mean_topk_mass:.4f} mean",
             f"entropy    {stats.mean_entropy_nat:.4f} nat mean (top-k + tail buckets)",
             "tail mass histogram:",

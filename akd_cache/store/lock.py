@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+from typing import Self
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -47,7 +48,7 @@ class WriterLock:
         local = isinstance(self.fs, LocalFileSystem)
         return local and holder.get("host") == self.owner["host"] and not _alive(holder["pid"])
 
-    def __enter__(self) -> WriterLock:
+    def __enter__(self) -> Self:
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         body = json.dumps(self.owner).encode()
         deadline = time.monotonic() + self.wait_s
