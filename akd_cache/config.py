@@ -205,7 +205,3 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{path}: {problems}") from None
-
-
-def load_profile(path: str | Path = "params.yaml", profile: str | None = None) -> Profile:
-    return load_params(path, profile).active
