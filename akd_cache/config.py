@@ -78,7 +78,7 @@ class CacheConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Stage 2 settings shared by every experiment of a profile (METHOD.md section 4)."""
+    """Stage 2 settings shared by every experiment of a profile (docs/method.md §5)."""
 
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -118,7 +118,7 @@ class Experiment(Strict):
 
 
 class EvalConfig(Strict):
-    """HumanEval(+) / MBPP(+) with evalplus (METHOD.md section 6)."""
+    """HumanEval(+) / MBPP(+) with evalplus (docs/method.md §6)."""
 
     data_dir: str | None = Field(
         None, description="folder with HumanEvalPlus.jsonl.gz / MbppPlus.jsonl.gz; "
