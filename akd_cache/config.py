@@ -79,7 +79,7 @@ class CacheConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Stage 2 settings shared by every experiment of a profile (METHOD.md section 4)."""
+    """Stage 2 settings shared by every experiment of a profile (docs/method.md §5)."""
 
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -119,7 +119,7 @@ class Experiment(Strict):
 
 
 class EvalConfig(Strict):
-    """HumanEval(+) / MBPP(+) with evalplus (METHOD.md section 6)."""
+    """HumanEval(+) / MBPP(+) with evalplus (docs/method.md §6)."""
 
     data_dir: str | None = Field(
         None, description="folder with HumanEvalPlus.jsonl.gz / MbppPlus.jsonl.gz; "
@@ -209,7 +209,3 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{path}: {problems}") from None
-
-
-def load_profile(path: str | Path = "params.yaml", profile: str | None = None) -> Profile:
-    return load_params(path, profile).active
