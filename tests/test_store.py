@@ -348,7 +348,7 @@ def test_meta_is_the_one_schema_of_the_attributes(setup, reference_cache, tmp_pa
 
 def test_reader_refuses_a_student_with_another_tokenizer(setup, reference_cache, tiny_models,
                                                          codealpaca_rows):
-    from akd_cache.models.tiny import train_tokenizer
+    from tiny_models import train_tokenizer
 
     cache = TeacherCache(str(reference_cache))
     cache.check_student(setup["tokenizer"], expected_key=setup["ingredients"].key())
