@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 
-from transformers import AutoConfig
-
 from akd_cache.data.instructions import read_examples, write_jsonl
 from akd_cache.models.resolve import resolve_model
+from akd_cache.models.vocab import check_top_k, model_vocab_size
 from akd_cache.store.writer import fill
 from akd_cache.teacher.build import (
     backend_factory,
@@ -25,6 +24,7 @@ from stages.common import (
     TEACHER_CACHE_DROPPED,
     TEACHER_CACHE_POINTER,
     load_stage_profile,
+    require_input,
     stage_args,
     write_json,
 )
@@ -37,11 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--break-lock", action="store_true")
     args = parser.parse_args(argv)
     profile = load_stage_profile(args)
-    teacher_path = resolve_model(profile.teacher.model)
+    teacher_path = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
+    vocab_size = model_vocab_size(teacher_path, profile.teacher.revision)
+    check_top_k(profile.cache.k, vocab_size, teacher_path)
     tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
-    split = tokenize_split(tokenizer, read_examples(PREPARED_DIR / "train.jsonl"), profile.cache)
+    train = require_input(PREPARED_DIR / "train.jsonl", "prepare")
+    split = tokenize_split(tokenizer, read_examples(train), profile.cache)
     write_jsonl(TEACHER_CACHE_DROPPED, split.dropped)
-    summary = json.loads((PREPARED_DIR / "summary.json").read_text())
+    summary = json.loads(require_input(PREPARED_DIR / "summary.json", "prepare").read_text())
     ingredients = make_ingredients(
         teacher=profile.teacher, teacher_path=teacher_path, tokenizer=tokenizer,
         data=profile.data, dataset_sha256=summary["dataset_sha256"], samples=split.samples,
@@ -50,8 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     location = cache_location(profile.cache.root, ingredients.key())
     print(f"cache_teacher: {len(split.samples)} samples ({len(split.dropped)} dropped as too "
           f"long, listed in {TEACHER_CACHE_DROPPED}), cache {location}")
-    config = AutoConfig.from_pretrained(teacher_path, revision=profile.teacher.revision)
-    vocab_size = config.vocab_size
     complete = fill(
         location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
         backend_factory(profile.teacher, teacher_path, profile.cache),

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import random
 
-from transformers import AutoConfig
-
 from akd_cache.data.instructions import read_examples
 from akd_cache.data.templates import TEMPLATES
 from akd_cache.models.resolve import resolve_model
+from akd_cache.models.vocab import check_top_k, model_vocab_size
 from akd_cache.store.reader import TeacherCache
 from akd_cache.store.writer import fill
 from akd_cache.teacher.build import (
@@ -21,20 +20,29 @@ from akd_cache.teacher.build import (
     tokenize_split,
 )
 from akd_cache.teacher.template_analysis import compare_templates, per_sample_scores
-from stages.common import PREPARED_DIR, RUNS_DIR, load_stage_profile, stage_args, write_json
+from stages.common import (
+    PREPARED_DIR,
+    RUNS_DIR,
+    load_stage_profile,
+    require_input,
+    stage_args,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__).parse_args(argv)
     profile = load_stage_profile(args)
     settings = profile.template_analysis
-    examples = read_examples(PREPARED_DIR / "train.jsonl")
+    teacher_path = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
+    vocab_size = model_vocab_size(teacher_path, profile.teacher.revision)
+    check_top_k(profile.cache.k, vocab_size, teacher_path)
+    examples = read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare"))
     examples = random.Random(settings.seed).sample(examples, min(settings.n_samples,
                                                                  len(examples)))
-    teacher_path = resolve_model(profile.teacher.model)
     tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
-    vocab_size = AutoConfig.from_pretrained(teacher_path).vocab_size
-    dataset_sha256 = json.loads((PREPARED_DIR / "summary.json").read_text())["dataset_sha256"]
+    summary = require_input(PREPARED_DIR / "summary.json", "prepare")
+    dataset_sha256 = json.loads(summary.read_text())["dataset_sha256"]
     scores = {}
     for template in TEMPLATES:
         cache_cfg = profile.cache.model_copy(update={"template": template, "root": settings.root})

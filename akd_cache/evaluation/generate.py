@@ -28,6 +28,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from akd_cache.errors import ConfigError
 from akd_cache.evaluation.postprocess import DEFAULT_STOPS, FENCE, find_stop, to_solution
 from akd_cache.evaluation.problems import Dataset, Problem, build_prompt, load_problems
 
@@ -45,7 +46,8 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.temperature == 0 and self.n_samples > 1:
-            raise ValueError("greedy decoding gives n identical samples: set a temperature")
+            raise ConfigError("greedy decoding gives n identical samples: set a temperature "
+                              "(eval.temperature) or one sample (eval.n_samples)")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from transformers import (
 from akd_cache.config import TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.errors import CacheError, ModelError
 from akd_cache.store.key import hash_key, teacher_identity
 from akd_cache.store.lock import WriterLock
 from akd_cache.teacher.hf_backend import DTYPES
@@ -177,7 +178,7 @@ class HFGenerator:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+            raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
         configured = model.generation_config.eos_token_id
         configured = configured if isinstance(configured, list) else [configured]
         self.eos_ids = sorted({tokenizer.eos_token_id, *configured} - {None})
@@ -294,7 +295,7 @@ def generator_factory(
 # --- the cache folder -----------------------------------------------------------------------
 
 
-class GenerationCacheError(ValueError):
+class GenerationCacheError(CacheError):
     pass
 
 
@@ -311,7 +312,7 @@ def _check_or_init_meta(folder: Path, ingredients: GenerationIngredients) -> Non
         if found != ingredients.key():
             raise GenerationCacheError(
                 f"{folder}: holds generations {found}, not {ingredients.key()}; a location is "
-                "tied to its key"
+                "tied to its key; move that folder away or change generate.root"
             )
         return
     folder.mkdir(parents=True, exist_ok=True)
