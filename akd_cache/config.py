@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from akd_cache.errors import ConfigError
+
 TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"]
 TruncationPolicy = Literal["truncate_response", "drop"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -190,16 +192,16 @@ class Params(Strict):
         return self.profiles[self.profile]
 
 
-class ConfigError(ValueError):
-    """A params file that does not validate; the message names the file and each bad key."""
-
-
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: no such params file") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with `profile` and `profiles`")
     if profile is not None:
         raw["profile"] = profile
     try:

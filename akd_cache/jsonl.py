@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from akd_cache.errors import DataError
+
 NEWLINE = b"\n"
 TAIL_BLOCK_BYTES = 1 << 16
 
 
-class JsonlError(ValueError):
+class JsonlError(DataError):
     """A line that is not UTF-8 JSON, named by its file and line number."""
 
 

@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 from akd_cache.config import load_params
+from akd_cache.errors import ConfigError
+from akd_cache.models.resolve import resolve_model
 from akd_cache.student.run import train_experiment
 from stages.common import (
     TEACHER_CACHE_POINTER,
     TEACHER_GENERATIONS_POINTER,
+    require_input,
     stage_args,
     write_json,
 )
@@ -24,14 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.profile)
     if args.experiment not in params.experiments:
-        raise SystemExit(f"{args.params}: no experiment {args.experiment!r}; "
-                         f"known: {', '.join(params.experiments)}")
+        raise ConfigError(f"{args.params}: no experiment {args.experiment!r}; "
+                          f"known: {', '.join(params.experiments)}")
     profile = params.active
+    student = resolve_model(profile.student.model, "student.model")
+    require_input(TEACHER_CACHE_POINTER, "cache-teacher")
     out = Path(profile.train.output_root) / args.experiment
     generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
                    if TEACHER_GENERATIONS_POINTER.exists() else None)
     metrics = train_experiment(
-        json.loads(TEACHER_CACHE_POINTER.read_text())["location"], profile.student.model,
+        json.loads(TEACHER_CACHE_POINTER.read_text())["location"], student,
         params.experiments[args.experiment], profile.train, out, args.experiment,
         generations=generations, cache_cfg=profile.cache,
     )

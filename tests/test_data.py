@@ -71,6 +71,17 @@ def run_prepare(tmp_path, monkeypatch, data: dict) -> None:
     akd(["prepare", "--params", "params.yaml"])
 
 
+def prepare_refused(tmp_path, monkeypatch, capsys, data: dict) -> str:
+    """The one line `akd prepare` prints when it refuses the data (exit code 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_prepare(tmp_path, monkeypatch, data)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
 def dropped_rows(tmp_path) -> list[dict]:
     path = tmp_path / "data" / "prepared" / "dropped.jsonl"
     return [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
@@ -90,23 +101,22 @@ def test_cli_drops_a_jsonl_row_with_a_non_utf8_byte_and_lists_it(tmp_path, monke
     assert (summary["train"], summary["heldout"], summary["dropped"]) == (4, 1, 1)
 
 
-def test_cli_names_file_and_offset_of_a_non_utf8_byte_in_a_json_file(tmp_path, monkeypatch):
+def test_cli_names_file_and_offset_of_a_non_utf8_byte_in_a_json_file(tmp_path, monkeypatch,
+                                                                      capsys):
     body = json.dumps(GOOD).encode()
     offset = body.index(b"Task 7") + len(b"Task ")
     (tmp_path / "d.json").write_bytes(body[:offset] + b"\xff" + body[offset + 1 :])
-    with pytest.raises(ValueError) as err:
-        run_prepare(tmp_path, monkeypatch, {"dataset": "d.json", "heldout": 1})
-    assert str(err.value).startswith(f"d.json: not UTF-8 at byte offset {offset} (0xff)")
-    assert "\n" not in str(err.value)
+    line = prepare_refused(tmp_path, monkeypatch, capsys, {"dataset": "d.json", "heldout": 1})
+    assert line.startswith(f"akd prepare: d.json: not UTF-8 at byte offset {offset} (0xff)")
 
 
 def test_cli_names_the_cause_when_a_column_is_missing_and_lists_every_row(tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     (tmp_path / "d.json").write_text(json.dumps(GOOD))
     columns = {"instruction": "question", "output": "output"}
-    with pytest.raises(ValueError, match="most dropped: 20 missing field 'question'"):
-        run_prepare(tmp_path, monkeypatch, {"dataset": "d.json", "heldout": 0,
-                                            "schema": "custom", "columns": columns})
+    line = prepare_refused(tmp_path, monkeypatch, capsys, {
+        "dataset": "d.json", "heldout": 0, "schema": "custom", "columns": columns})
+    assert line.endswith("most dropped: 20 missing field 'question')")
     dropped = dropped_rows(tmp_path)
     assert [d["sample_id"] for d in dropped] == [f"row-{i:06d}" for i in range(len(GOOD))]
     assert {d["reason"] for d in dropped} == {"missing field 'question'"}

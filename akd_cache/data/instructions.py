@@ -17,6 +17,7 @@ from pathlib import Path
 
 from akd_cache import jsonl
 from akd_cache.config import DataConfig
+from akd_cache.errors import DataError
 
 SCHEMA_COLUMNS: dict[str, dict[str, str]] = {
     "codealpaca": {"instruction": "instruction", "input": "input", "output": "output"},
@@ -48,16 +49,16 @@ def _read_json_array(path: Path) -> list:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise DataError(
             f"{path}: not UTF-8 at byte offset {err.start} (0x{data[err.start]:02x}); "
             "re-encode the file as UTF-8"
         ) from None
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise DataError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
     return rows
 
 
@@ -67,7 +68,7 @@ def read_rows(dataset: str, hub_split: str = "train") -> list:
     path = Path(dataset)
     if path.suffix in {".json", ".jsonl"}:
         if not path.exists():
-            raise FileNotFoundError(f"{path}: dataset file not found")
+            raise DataError(f"{path}: dataset file not found; fix data.dataset in the params")
         return jsonl.read_lines(path) if path.suffix == ".jsonl" else _read_json_array(path)
     from datasets import load_dataset
 
@@ -155,7 +156,7 @@ def split_data(checked: CheckedData, cfg: DataConfig) -> PreparedData:
     examples = checked.examples
     if cfg.heldout >= len(examples):
         cause = f"; most dropped: {drop_reasons(checked.dropped)[0]}" if checked.dropped else ""
-        raise ValueError(
+        raise DataError(
             f"{cfg.dataset}: data.heldout={cfg.heldout} leaves no training data "
             f"({len(examples)} usable of {checked.n_rows} rows{cause})"
         )

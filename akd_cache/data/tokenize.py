@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from akd_cache.config import CacheConfig, TruncationPolicy
 from akd_cache.data.instructions import BadRow, DroppedRow, Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.errors import ModelError
 from akd_cache.store.rows import TokenizedSample
 
 MIN_RESPONSE_TOKENS = 1
@@ -37,7 +38,7 @@ def tokenize_example(
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+        raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
     ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
     if len(ids) > max_length:
         if truncation == "drop":

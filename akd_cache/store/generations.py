@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from akd_cache import jsonl
+from akd_cache.errors import CacheError
 from akd_cache.store.lock import WriterLock
 
 DEFAULT_ROOT = "storage/teacher-generations"
@@ -29,7 +30,7 @@ COMPLETE_FILE = "complete.json"
 LOCK_NAME = "generate"
 
 
-class GenerationCacheError(ValueError):
+class GenerationCacheError(CacheError):
     pass
 
 
@@ -59,7 +60,8 @@ def check_or_init(folder: Path, key: str, ingredients: dict) -> None:
         found = json.loads(meta.read_text())["key"]
         if found != key:
             raise GenerationCacheError(
-                f"{folder}: holds generations {found}, not {key}; a location is tied to its key"
+                f"{folder}: holds generations {found}, not {key}; a location is tied to its key; "
+                "move that folder away or change generate.root"
             )
         return
     folder.mkdir(parents=True, exist_ok=True)

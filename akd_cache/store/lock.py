@@ -17,10 +17,12 @@ from typing import Self
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from akd_cache.errors import LockError
+
 POLL_S = 0.5
 
 
-class CacheLockedError(RuntimeError):
+class CacheLockedError(LockError):
     pass
 
 

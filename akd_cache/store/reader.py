@@ -15,12 +15,9 @@ import torch
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from akd_cache.errors import CacheError
 from akd_cache.store import format as fmt
 from akd_cache.store.key import tokenizer_fingerprint
-
-
-class CacheError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
 from akd_cache.config import CacheConfig, Experiment, TrainConfig
+from akd_cache.errors import CacheError
 from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.akd import BetaController
@@ -36,7 +37,9 @@ def training_data(
     teacher's generated responses (text, so any student tokenizer will do)."""
     if experiment.method == "seqkd":
         if generations is None:
-            raise ValueError("method seqkd needs the teacher's generations (akd teacher-generate)")
+            raise CacheError(
+                "method seqkd needs the teacher's generations; run `akd teacher-generate`"
+            )
         dataset = SeqKDDataset.from_generations(generations, tokenizer, cache_cfg)
         return dataset, Path(generations).name
     cache = TeacherCache(cache_location)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
 
 from akd_cache.config import Experiment, LoraSettings, TrainConfig
+from akd_cache.errors import ConfigError
 
 LORA_DEFAULT_TARGETS = {
     "gpt_bigcode": ["c_attn"],
@@ -20,7 +21,7 @@ def lora_targets(model: PreTrainedModel, settings: LoraSettings) -> list[str]:
         return settings.targets
     kind = model.config.model_type
     if kind not in LORA_DEFAULT_TARGETS:
-        raise ValueError(
+        raise ConfigError(
             f"no default LoRA targets for model type {kind!r}; set lora.targets in the experiment"
         )
     return LORA_DEFAULT_TARGETS[kind]
