@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
-from akd_cache.config import CacheConfig, Experiment, TrainConfig
+from akd_cache.config import CacheConfig, Experiment, SeqKD, TrainConfig
 from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.akd import BetaController
@@ -20,12 +20,11 @@ from akd_cache.student.trainer import (
     DistillationModule,
     DistillTrainer,
     load_beta_state,
-    method_beta,
     peak_memory_mb,
 )
 
-
 RUN_SETTINGS_FILE = "run_settings.json"
+DEFAULT_CACHE = CacheConfig()
 
 
 def training_data(
@@ -34,7 +33,7 @@ def training_data(
 ) -> tuple[torch.utils.data.Dataset, str]:
     """The dataset and the key of what it was made from: the logit cache, or for SeqKD the
     teacher's generated responses (text, so any student tokenizer will do)."""
-    if experiment.method == "seqkd":
+    if isinstance(experiment, SeqKD):
         if generations is None:
             raise ValueError("method seqkd needs the teacher's generations (akd teacher-generate)")
         dataset = SeqKDDataset.from_generations(generations, tokenizer, cache_cfg)
@@ -46,7 +45,7 @@ def training_data(
 
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
-    out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = CacheConfig(),
+    out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = DEFAULT_CACHE,
 ) -> dict:
     """Train (resuming from the last checkpoint in `out` if any), save the student, return the
     run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included."""
@@ -54,9 +53,9 @@ def train_experiment(
     dataset, data_key = training_data(experiment, cache_location, tokenizer, generations,
                                       cache_cfg)
     student = load_student(student_path, experiment, train.bf16)
-    variant, beta = method_beta(experiment)
-    controller = BetaController(variant, beta_init=beta, reset=experiment.beta_reset,
-                                seed=train.seed)
+    schedule = experiment.beta_schedule
+    controller = BetaController(schedule.variant, beta_init=schedule.initial,
+                                reset=schedule.reset, seed=train.seed)
     checkpoints = out / "checkpoints"
     settings = {"data_key": data_key, "student": student_path,
                 "experiment": experiment.model_dump(), "train": train.model_dump()}

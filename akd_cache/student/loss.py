@@ -1,11 +1,13 @@
-"""Stage 2 loss: forward and reverse KL between a cached teacher top-k and the student softmax.
+"""The whole Stage 2 objective: divergences, tail modes, the fused chunked lm head, the
+per-sample normalisation, the AKD mix and the cross-entropy mix. `distillation_loss` is what the
+trainer calls; beta's own optimiser and resets are `akd.py`.
 
 The cache holds, per response position, the teacher's top-k log-probabilities (normalised over
 the full vocabulary, already at the training temperature) and the log of the mass outside them.
 The student has full logits, so everything the teacher lacks must be assumed; `TailMode` names
-the three assumptions on offer. This module is the only place where the loss is computed:
-`topk_divergences` works on materialised logits, `fused_divergence_loss` chunks positions
-through the lm head so that the [N, V] float32 logits never exist at once.
+the three assumptions on offer. `topk_divergences` works on materialised logits,
+`fused_divergence_loss` chunks positions through the lm head so that the [N, V] float32 logits
+never exist at once.
 
 Conventions: `fkl` is KL(p || q) and `rkl` is KL(q || p), p the teacher, q = softmax(logits / T).
 Both are true divergences (never cross-entropies) and are not multiplied by T^2 unless
@@ -15,13 +17,16 @@ Both are true divergences (never cross-entropies) and are not multiplied by T^2 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, get_args
+from dataclasses import dataclass
+from typing import Any, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-TailMode = Literal["bucket", "renormalize", "uniform"]
-"""How the teacher's mass outside its top-k is modelled.
+from akd_cache.config import DistillationExperiment, Experiment, TailMode, TrainConfig
+
+TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
+"""How the teacher's mass outside its top-k is modelled (`TailMode`).
 
 - ``bucket``: both distributions collapse to k + 1 categories (the top-k ids plus one "rest"
   category); exact KL of those, a lower bound of the full-vocabulary KL (data processing).
@@ -32,8 +37,6 @@ TailMode = Literal["bucket", "renormalize", "uniform"]
 - ``uniform``: the teacher tail is spread evenly over the V - k other ids; full-vocabulary KL,
   computed from sums of the student log-softmax so that no [N, V] teacher tensor exists.
 """
-
-TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
 
 EMPTY_TAIL_LOGMASS = math.log(torch.finfo(torch.float64).eps)
 """Floor for the teacher's tail log-mass when k < V.
@@ -442,3 +445,84 @@ def fused_divergence_loss(
         kl_scale,
     )
     return loss, Divergences(fkl.reshape(lead), rkl.reshape(lead), student_tail.reshape(lead))
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the objective needs from an experiment and the profile's train settings."""
+
+    distill: bool  # False: cross-entropy alone (sft, seqkd), the teacher rows are never read
+    ce_weight: float
+    tail_mode: TailMode
+    temperature: float = 1.0
+    t2_scale: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @classmethod
+    def of(cls, experiment: Experiment, train: TrainConfig) -> LossSettings:
+        common = {"temperature": train.temperature, "t2_scale": train.t2_scale,
+                  "chunk_size": train.chunk_size}
+        if isinstance(experiment, DistillationExperiment):
+            return cls(True, experiment.ce_weight, experiment.tail_mode or train.tail_mode,
+                       **common)
+        return cls(False, 1.0, train.tail_mode, **common)
+
+
+class CachedTeacher(NamedTuple):
+    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S]."""
+
+    topk_ids: Tensor
+    topk_logprobs: Tensor
+    tail_logmass: Tensor
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    fkl: Tensor  # batch mean of per-sample normalised FKL, detached
+    rkl: Tensor
+    teacher_tail: Tensor  # mean tail mass over loss positions, detached
+    student_tail: Tensor
+    tokens: Tensor  # loss positions in the batch
+
+
+def distillation_loss(
+    hidden: Tensor,
+    lm_head: torch.nn.Linear,
+    teacher: CachedTeacher,
+    loss_mask: Tensor,
+    labels: Tensor,
+    beta: Tensor,
+    settings: LossSettings,
+) -> LossOutput:
+    """mean_b over samples of [beta * RKL_b + (1 - beta) * FKL_b + ce_weight * CE_b], each term
+    averaged over the sample's loss positions (so long samples do not outweigh short ones).
+
+    hidden [B, S, H] is the student decoder's output; loss_mask [B, S] marks the positions whose
+    next token is learnt, labels [B, S] those tokens. Only the masked positions reach the lm head.
+    """
+    rows = hidden[loss_mask]
+    sample_of = torch.nonzero(loss_mask)[:, 0]
+    lengths = loss_mask.sum(1).clamp(min=1).float()
+    # per-sample length normalisation, then the batch mean (docs/method.md)
+    weight = 1.0 / (lengths[sample_of] * loss_mask.shape[0])
+    beta = beta.to(weight)
+    distill = float(settings.distill)
+    tail_logmass = teacher.tail_logmass[loss_mask]
+    loss, div = fused_divergence_loss(
+        rows, lm_head.weight, lm_head.bias, teacher.topk_ids[loss_mask],
+        teacher.topk_logprobs[loss_mask], tail_logmass,
+        fkl_coef=distill * (1 - beta) * weight, rkl_coef=distill * beta * weight,
+        ce_coef=settings.ce_weight * weight if settings.ce_weight else None,
+        target_ids=labels[loss_mask] if settings.ce_weight else None,
+        temperature=settings.temperature, mode=settings.tail_mode,
+        chunk_size=settings.chunk_size, t2_scale=settings.t2_scale,
+    )
+    return LossOutput(
+        loss=loss,
+        fkl=(div.fkl.float() * weight).sum(),
+        rkl=(div.rkl.float() * weight).sum(),
+        teacher_tail=tail_logmass.exp().mean(),
+        student_tail=div.student_tail_logmass.float().exp().mean(),
+        tokens=loss_mask.sum(),
+    )
