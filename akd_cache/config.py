@@ -143,10 +143,19 @@ class SeqKD(ExperimentBase):
 
 
 class DistillationExperiment(ExperimentBase):
-    """A method that matches the teacher's distribution, mixed as beta * RKL + (1 - beta) * FKL."""
+    """A method that matches the teacher's distribution, mixed as beta * RKL + (1 - beta) * FKL:
+    from the cache, or `online` from the live teacher (the profile's teacher model, loaded beside
+    the student; exact full-vocabulary divergences, so no tail mode)."""
 
     ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the reference, mixed in")
     tail_mode: TailMode | None = Field(None, description="None: the profile's train.tail_mode")
+    online: bool = Field(False, description="the live teacher instead of the cache's top-k")
+
+    @model_validator(mode="after")
+    def _online_has_no_tail(self) -> DistillationExperiment:
+        if self.online and self.tail_mode is not None:
+            raise ValueError("tail_mode does not apply to an online teacher (no tail)")
+        return self
 
 
 class KD(DistillationExperiment):

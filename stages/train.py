@@ -1,4 +1,6 @@
-"""Stage `train` (Stage 2): one experiment, the student against the teacher cache alone.
+"""Stage `train` (Stage 2): one experiment, the student against the teacher cache alone, or for
+an `online: true` experiment against the live teacher (the profile's teacher model, resolved as
+Stage 1 resolves it), with the cache's tokens and order.
 
     akd train --experiment akd
 """
@@ -8,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from akd_cache.config import load_params
+from akd_cache.config import ModelRef, load_params
+from akd_cache.models.resolve import resolve_model
 from akd_cache.student.run import train_experiment
 from stages.common import (
     TEACHER_CACHE_POINTER,
@@ -34,10 +37,13 @@ def main(argv: list[str] | None = None) -> None:
         json.loads(TEACHER_CACHE_POINTER.read_text())["location"], profile.student.model,
         params.experiments[args.experiment], profile.train, out, args.experiment,
         generations=generations, cache_cfg=profile.cache,
+        teacher=ModelRef(model=resolve_model(profile.teacher.model),
+                         revision=profile.teacher.revision),
     )
     write_json(out / "metrics.json", metrics)
-    print(f"train {args.experiment}: {metrics['steps']} steps, loss {metrics['train_loss']:.4f}, "
-          f"beta {metrics['final_beta']:.3f}, {metrics['wall_s']:.0f} s")
+    print(f"train {args.experiment} ({metrics['teacher']} teacher): {metrics['steps']} steps, "
+          f"loss {metrics['train_loss']:.4f}, beta {metrics['final_beta']:.3f}, "
+          f"{metrics['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def test_repository_experiments_are_typed_by_method():
     ({"method": "sft", "ce_weight": 0.5}, "ce_weight"),
     ({"method": "fixed_beta", "variant": "m1"}, "variant"),
     ({"method": "kd", "beta_reset": "uniform"}, "beta_reset"),
+    ({"method": "sft", "online": True}, "online"),
+    ({"method": "seqkd", "online": True}, "online"),
 ])
 def test_a_setting_the_method_does_not_have_is_an_error_naming_it(tmp_path, experiment, key):
     method = experiment["method"]
@@ -107,3 +109,14 @@ def test_settings_that_apply_are_accepted(tmp_path):
 ])
 def test_each_method_gives_its_beta_schedule(experiment, schedule):
     assert tuple(experiment.beta_schedule) == schedule
+
+
+@pytest.mark.parametrize("method", ["kd", "rkd", "akd", "fixed_beta"])
+def test_distillation_methods_can_run_online_without_a_tail_mode(tmp_path, method):
+    experiments = load_params(write(tmp_path, with_experiments(
+        x={"method": method, "online": True}))).experiments
+    assert experiments["x"].online
+    with pytest.raises(ConfigError, match=rf"experiments\.x\.{method}: Value error, tail_mode "
+                                          "does not apply to an online teacher"):
+        load_params(write(tmp_path, with_experiments(
+            x={"method": method, "online": True, "tail_mode": "bucket"})))

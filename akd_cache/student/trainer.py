@@ -1,10 +1,12 @@
 """Stage 2: train the student against the teacher cache on transformers' Trainer.
 
 The Trainer drives a `DistillationModule`: the student's decoder, then `loss.py`'s objective
-on the loss positions only, so [batch, seq, vocab] logits never exist and DDP /
-FSDP wrap the whole step unchanged (`torchrun` or `accelerate launch`). beta is updated after
-every training batch from the batch means of the per-sample normalised FKL and RKL, averaged
-over processes so every rank holds the same beta; its state is saved in each checkpoint.
+on the loss positions only, so [batch, seq, vocab] logits never exist and DDP / FSDP wrap the
+whole step unchanged (`torchrun` or `accelerate launch`). An online run is the same module with
+the live teacher's decoder run beside the student without grad; its data, order and seed are the
+cache run's. beta is updated after every training batch from the batch means of the per-sample
+normalised FKL and RKL, averaged over processes so every rank holds the same beta; its state is
+saved in each checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from akd_cache.config import Experiment, TrainConfig
+from akd_cache.config import DistillationExperiment, Experiment, TrainConfig
 from akd_cache.store.reader import CacheDataset, ShardShuffleSampler
 from akd_cache.student.akd import BetaController, BetaState
-from akd_cache.student.loss import CachedTeacher, LossOutput, LossSettings, distillation_loss
+from akd_cache.student.loss import (
+    CachedTeacher,
+    LiveTeacher,
+    LossOutput,
+    LossSettings,
+    distillation_loss,
+)
 
 BETA_STATE_FILE = "beta_state.pt"
 TRAINING_ARGS_FILE = "training_args.bin"
@@ -35,12 +43,25 @@ MIB = 2**20
 
 
 class DistillationModule(torch.nn.Module):
-    """The student plus its loss: what the Trainer (and DDP) wraps."""
+    """The student plus its loss, and the frozen live teacher of an online run: what the Trainer
+    (and DDP) wraps."""
 
-    def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig):
+    def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig,
+                 teacher: PreTrainedModel | None = None):
         super().__init__()
+        online = isinstance(experiment, DistillationExperiment) and experiment.online
+        if online != (teacher is not None):
+            raise ValueError("an online experiment needs the teacher model, a cache run none")
         self.student = student
+        self.teacher = teacher
         self.loss_settings = LossSettings.of(experiment, train)
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """The teacher stays in eval mode (no dropout) while the student trains."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     def _causal_lm(self) -> PreTrainedModel:
         inner = self.student
@@ -59,7 +80,14 @@ class DistillationModule(torch.nn.Module):
     ) -> LossOutput:
         lm = self._causal_lm()
         hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass)
+        if self.teacher is None:
+            teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass)
+        else:
+            with torch.no_grad():
+                teacher_hidden = self.teacher.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).last_hidden_state
+            teacher = LiveTeacher(teacher_hidden, self.teacher.get_output_embeddings())
         return distillation_loss(hidden, lm.get_output_embeddings(), teacher, loss_mask, labels,
                                  beta, self.loss_settings)
 
