@@ -39,7 +39,7 @@ from akd_cache.data.tokenize import tokenize_example
 from akd_cache.models.prune import keep_layers, save_pruned_student
 from akd_cache.models.smollm2 import ensure_smollm2
 from akd_cache.store.rows import TokenizedSample
-from akd_cache.student.divergence import TAIL_MODES, TailMode, temper_teacher, topk_divergences
+from akd_cache.student.loss import TAIL_MODES, TailMode, temper_teacher, topk_divergences
 from akd_cache.teacher.build import load_tokenizer
 from akd_cache.teacher.hf_backend import HFTeacher
 
