@@ -117,6 +117,20 @@ class Experiment(Strict):
     lora: LoraSettings | None = None
 
 
+class MiniLLM(Strict):
+    """A MiniLLM run (Gu et al.): reverse KL by policy gradient on the student's own samples,
+    against the teacher loaded online, through TRL's `MiniLLMTrainer`. lr, batch size, epochs,
+    seed and the KD temperature come from the profile's `train`."""
+
+    method: Literal["minillm"]
+    max_new_tokens: int = Field(128, gt=0, description="length cap of each student sample")
+    num_generations: int = Field(1, gt=0, description="samples per prompt; divides batch_size")
+    gamma: float = Field(0.0, ge=0, le=1, description="discount of the long-term RKL reward")
+    single_step_decomposition: bool = Field(
+        True, description="add the exact per-step RKL of each sampled prefix to the loss"
+    )
+
+
 class EvalConfig(Strict):
     """HumanEval(+) / MBPP(+) with evalplus (METHOD.md section 6)."""
 
