@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"]
 TruncationPolicy = Literal["truncate_response", "drop"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
 
 
 class Strict(BaseModel):
@@ -61,7 +62,7 @@ class StudentInit(Strict):
 
 class TeacherConfig(ModelRef):
     backend: Literal["hf", "vllm"] = "hf"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     device: str = "cpu"
     batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (hf backend)")
     vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
@@ -78,7 +79,7 @@ class CacheConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Stage 2 settings shared by every experiment of a profile (METHOD.md section 4)."""
+    """Stage 2 settings shared by every experiment of a profile (docs/method.md §5)."""
 
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -132,7 +133,7 @@ class MiniLLM(Strict):
 
 
 class EvalConfig(Strict):
-    """HumanEval(+) / MBPP(+) with evalplus (METHOD.md section 6)."""
+    """HumanEval(+) / MBPP(+) with evalplus (docs/method.md §6)."""
 
     data_dir: str | None = Field(
         None, description="folder with HumanEvalPlus.jsonl.gz / MbppPlus.jsonl.gz; "
@@ -147,6 +148,9 @@ class EvalConfig(Strict):
     n_samples: int = Field(1, gt=0)
     temperature: float = Field(0.0, ge=0, description="0: greedy pass@1")
     backend: Literal["hf", "vllm"] = "hf"
+    dtype: DtypeName = "float32"
+    device: str = Field("cpu", description="the hf backend's; vLLM picks its own")
+    vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
     taxonomy_workers: int = Field(2, gt=0)
 
 
@@ -219,7 +223,3 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{path}: {problems}") from None
-
-
-def load_profile(path: str | Path = "params.yaml", profile: str | None = None) -> Profile:
-    return load_params(path, profile).active

@@ -1,25 +1,16 @@
 """Stage `cache_teacher` (Stage 1): run the teacher over the training split into the store.
 
-Several workers may fill one cache: run with `--num-workers N --worker-index i` on each, then
-once with `--finalize-only` (or let the last worker finish it). Interrupted runs resume.
+Several workers may fill one cache: run with `--num-workers N --worker-index i` on each; the
+last worker to finish marks the cache complete (if one stopped early, `akd finalize <cache>`
+does it once every shard is in). Interrupted runs resume.
 """
 
 from __future__ import annotations
 
 import json
 
-from transformers import AutoConfig
-
 from akd_cache.data.instructions import read_examples, write_jsonl
-from akd_cache.models.resolve import resolve_model
-from akd_cache.store.writer import fill
-from akd_cache.teacher.build import (
-    backend_factory,
-    cache_location,
-    load_tokenizer,
-    make_ingredients,
-    tokenize_split,
-)
+from akd_cache.teacher.build import build_cache
 from stages.common import (
     PREPARED_DIR,
     TEACHER_CACHE_DROPPED,
@@ -37,30 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--break-lock", action="store_true")
     args = parser.parse_args(argv)
     profile = load_stage_profile(args)
-    teacher_path = resolve_model(profile.teacher.model)
-    tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
-    split = tokenize_split(tokenizer, read_examples(PREPARED_DIR / "train.jsonl"), profile.cache)
-    write_jsonl(TEACHER_CACHE_DROPPED, split.dropped)
     summary = json.loads((PREPARED_DIR / "summary.json").read_text())
-    ingredients = make_ingredients(
-        teacher=profile.teacher, teacher_path=teacher_path, tokenizer=tokenizer,
-        data=profile.data, dataset_sha256=summary["dataset_sha256"], samples=split.samples,
-        cache=profile.cache,
-    )
-    location = cache_location(profile.cache.root, ingredients.key())
-    print(f"cache_teacher: {len(split.samples)} samples ({len(split.dropped)} dropped as too "
-          f"long, listed in {TEACHER_CACHE_DROPPED}), cache {location}")
-    config = AutoConfig.from_pretrained(teacher_path, revision=profile.teacher.revision)
-    vocab_size = config.vocab_size
-    complete = fill(
-        location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
-        backend_factory(profile.teacher, teacher_path, profile.cache),
-        shard_rows=profile.cache.shard_tokens, worker_index=args.worker_index,
+    built = build_cache(
+        profile.teacher, profile.data, profile.cache, read_examples(PREPARED_DIR / "train.jsonl"),
+        summary["dataset_sha256"], worker_index=args.worker_index,
         num_workers=args.num_workers, break_lock=args.break_lock,
     )
-    if complete:
-        write_json(TEACHER_CACHE_POINTER, {"key": ingredients.key(), "location": location})
-        print(f"cache_teacher: complete, see `akd inspect {location}`")
+    write_jsonl(TEACHER_CACHE_DROPPED, built.dropped)
+    print(f"cache_teacher: {built.n_samples} samples ({len(built.dropped)} dropped as too "
+          f"long, listed in {TEACHER_CACHE_DROPPED}), cache {built.location}")
+    if built.complete:
+        write_json(TEACHER_CACHE_POINTER, {"key": built.key, "location": built.location})
+        print(f"cache_teacher: complete, see `akd inspect {built.location}`")
     else:
         print("cache_teacher: this worker is done; other workers' shards are still missing")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from akd_cache.config import load_params
-from akd_cache.evaluation.report import build_report
+from akd_cache.report.build import build_report
 from stages.common import RUNS_DIR, stage_args, write_json
 
 REPORTS_DIR = Path("reports")

@@ -6,20 +6,10 @@ from __future__ import annotations
 import json
 import random
 
-from transformers import AutoConfig
-
 from akd_cache.data.instructions import read_examples
 from akd_cache.data.templates import TEMPLATES
-from akd_cache.models.resolve import resolve_model
 from akd_cache.store.reader import TeacherCache
-from akd_cache.store.writer import fill
-from akd_cache.teacher.build import (
-    backend_factory,
-    cache_location,
-    load_tokenizer,
-    make_ingredients,
-    tokenize_split,
-)
+from akd_cache.teacher.build import build_cache
 from akd_cache.teacher.template_analysis import compare_templates, per_sample_scores
 from stages.common import PREPARED_DIR, RUNS_DIR, load_stage_profile, stage_args, write_json
 
@@ -31,24 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     examples = read_examples(PREPARED_DIR / "train.jsonl")
     examples = random.Random(settings.seed).sample(examples, min(settings.n_samples,
                                                                  len(examples)))
-    teacher_path = resolve_model(profile.teacher.model)
-    tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
-    vocab_size = AutoConfig.from_pretrained(teacher_path).vocab_size
     dataset_sha256 = json.loads((PREPARED_DIR / "summary.json").read_text())["dataset_sha256"]
     scores = {}
     for template in TEMPLATES:
-        cache_cfg = profile.cache.model_copy(update={"template": template, "root": settings.root})
-        split = tokenize_split(tokenizer, examples, cache_cfg)
-        ingredients = make_ingredients(
-            teacher=profile.teacher, teacher_path=teacher_path, tokenizer=tokenizer,
-            data=profile.data, dataset_sha256=dataset_sha256, samples=split.samples,
-            cache=cache_cfg,
-        )
-        location = cache_location(settings.root, ingredients.key())
-        fill(location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
-             backend_factory(profile.teacher, teacher_path, cache_cfg),
-             shard_rows=cache_cfg.shard_tokens)
-        scores[template] = per_sample_scores(TeacherCache(location))
+        cache = profile.cache.model_copy(update={"template": template, "root": settings.root})
+        built = build_cache(profile.teacher, profile.data, cache, examples, dataset_sha256)
+        scores[template] = per_sample_scores(TeacherCache(built.location))
     result = compare_templates(scores)
     write_json(RUNS_DIR / "template_analysis.json", result)
     best = max(result["wins"]["probability"], key=result["wins"]["probability"].get)

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from akd_cache.models.tiny import save_tiny
+from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,4 +1,4 @@
-"""The AKD beta update, worked by hand against METHOD.md section 3 (eq. 16 and 17)."""
+"""The AKD beta update, worked by hand against docs/method.md §4 (the paper's eq. 16 and 17)."""
 
 from __future__ import annotations
 

@@ -7,16 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from akd_cache.evaluation import generate as gen
-from akd_cache.evaluation.generate import (
-    GenerationConfig,
-    generate_completions,
-    generate_samples,
-    load_model,
-)
-from akd_cache.evaluation.postprocess import find_stop, to_solution, truncate_at_stops
+from akd_cache.config import EvalConfig
+from akd_cache.evaluation.generate import generate_samples, generator_factory
+from akd_cache.evaluation.postprocess import DEFAULT_STOPS, to_solution, truncate_at_stops
 from akd_cache.evaluation.problems import build_prompt, load_problems
+from akd_cache.generation import Decoding, HFGenerator, complete_all, find_stop
 
 EVALPLUS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evalplus"
 PROMPTS = [
@@ -27,12 +24,18 @@ PROMPTS = [
     "Below is an instruction that describes a task.",
 ]
 NEW_TOKENS = 16
-NO_STOPS = GenerationConfig(max_new_tokens=NEW_TOKENS, batch_size=len(PROMPTS), stops=())
+BATCH = len(PROMPTS)
+NO_STOPS = Decoding(max_new_tokens=NEW_TOKENS, stops=())
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_models):
-    return load_model(tiny_models["llama"])
+    path = tiny_models["llama"]
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def generate_completions(model, tokenizer, prompts, decoding, batch_size=BATCH):
+    return complete_all(HFGenerator(model, tokenizer, batch_size), prompts, decoding)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,7 @@ def test_batched_left_padded_greedy_equals_one_by_one(llama, unstopped):
     model, tokenizer = llama
     lengths = {len(tokenizer(p)["input_ids"]) for p in PROMPTS}
     assert len(lengths) > 1, "prompts of one length would not exercise the padding"
-    one_by_one = GenerationConfig(max_new_tokens=NEW_TOKENS, batch_size=1, stops=())
-    assert generate_completions(model, tokenizer, PROMPTS, one_by_one) == unstopped
+    assert generate_completions(model, tokenizer, PROMPTS, NO_STOPS, batch_size=1) == unstopped
     assert all(c.truncated for [c] in unstopped)
 
 
@@ -59,32 +61,30 @@ def test_stop_strings_cut_the_output(llama, unstopped):
     model, tokenizer = llama
     text = unstopped[1][0].text
     stop = re.search(r"[A-Za-z]{2,}", text[3:]).group(0)
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, stops=(stop,))
-    [[completion]] = generate_completions(model, tokenizer, [PROMPTS[1]], config)
+    decoding = Decoding(max_new_tokens=NEW_TOKENS, stops=(stop,))
+    [[completion]] = generate_completions(model, tokenizer, [PROMPTS[1]], decoding)
     assert completion.text == text[: text.index(stop)]
     assert not completion.truncated
 
 
 def test_sampling_needs_a_temperature():
     with pytest.raises(ValueError, match="temperature"):
-        GenerationConfig(n_samples=2)
+        Decoding(max_new_tokens=NEW_TOKENS, n_samples=2)
 
 
-def test_samples_file_is_written_and_resumed(tiny_models, tmp_path, monkeypatch):
+def test_samples_file_is_written_and_resumed(tiny_models, tmp_path):
     out = tmp_path / "samples.jsonl"
-    config = GenerationConfig(max_new_tokens=4, batch_size=2)
-    args = (tiny_models["llama"], "humaneval", out, "alpaca", EVALPLUS_DATA, 3, 0, config)
-    generate_samples(*args)
+    cfg = EvalConfig(data_dir=str(EVALPLUS_DATA), n_tasks=3, max_new_tokens=4, batch_size=2)
+    generate_samples(generator_factory(tiny_models["llama"], cfg), "humaneval", out, cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
     assert {"task_id", "solution", "raw", "truncated"} <= set(rows[0])
     before = out.read_text()
 
-    def must_not_load(*_args, **_kwargs):
+    def must_not_load():
         raise AssertionError("every task is done: no model should be loaded")
 
-    monkeypatch.setattr(gen, "load_model", must_not_load)
-    generate_samples(*args)
+    generate_samples(must_not_load, "humaneval", out, cfg)
     assert out.read_text() == before
 
 
@@ -108,8 +108,8 @@ def test_seeded_subset_is_stable():
 def test_fence_stop_ends_only_a_closing_fence():
     reply = "Here:\n```\ndef f():\n    return 1\n```\nExplanation"
     assert truncate_at_stops(reply) == "Here:\n```\ndef f():\n    return 1"
-    assert find_stop("```python\nx = 1\n```\n") == len("```python\nx = 1")
-    assert find_stop("a\n### Instruction: more") == 1
+    assert find_stop("```python\nx = 1\n```\n", DEFAULT_STOPS) == len("```python\nx = 1")
+    assert find_stop("a\n### Instruction: more", DEFAULT_STOPS) == 1
 
 
 def test_solution_from_a_fenced_reply(humaneval):

@@ -9,12 +9,16 @@ import pytest
 import yaml
 from transformers import AutoConfig, AutoTokenizer
 
+import akd_cache.teacher.build
 import stages.cache_teacher
 import stages.models
 import stages.prepare
+import stages.template_analysis
+from akd_cache.data.templates import TEMPLATES
 from akd_cache.store.reader import TeacherCache
 
 N_TRAIN = 6
+N_TEMPLATE_SAMPLES = 2
 
 
 def params(codealpaca_path, cache_root) -> dict:
@@ -72,6 +76,32 @@ def test_rerun_and_second_experiment_reuse_the_cache(first_run, tmp_path, smollm
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher should not run for an existing cache")
 
-    monkeypatch.setattr(stages.cache_teacher, "backend_factory", lambda *a: no_teacher)
+    monkeypatch.setattr(akd_cache.teacher.build, "backend_factory", lambda *a: no_teacher)
     assert run_stage_one(workdir, smollm2_dir, doc, monkeypatch) == pointer
     assert run_stage_one(tmp_path, smollm2_dir, doc, monkeypatch) == pointer
+
+
+def test_template_analysis_builds_one_cache_per_template(first_run, tmp_path, monkeypatch):
+    """Table 9 through the same cache build as Stage 1; a rerun reuses every template's cache."""
+    workdir, doc, _ = first_run
+    doc = {**doc, "profiles": {"mini": {**doc["profiles"]["mini"], "template_analysis": {
+        "n_samples": N_TEMPLATE_SAMPLES, "root": str(tmp_path / "template-caches")}}}}
+    (workdir / "params_templates.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(workdir)
+    result_path = workdir / "runs" / "template_analysis.json"
+    stages.template_analysis.main(["--params", "params_templates.yaml"])
+    result = json.loads(result_path.read_text())
+    assert result["n_samples"] == N_TEMPLATE_SAMPLES
+    assert set(result["templates"]) == set(TEMPLATES)
+    assert len(list((tmp_path / "template-caches").iterdir())) == len(TEMPLATES)
+    for scores in result["templates"].values():
+        assert 0 < scores["mean_probability"] <= 1 and scores["mean_entropy"] >= 0
+    for kind in ("probability", "entropy"):
+        assert sum(result["wins"][kind].values()) == N_TEMPLATE_SAMPLES
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher should not run for existing template caches")
+
+    monkeypatch.setattr(akd_cache.teacher.build, "backend_factory", lambda *a: no_teacher)
+    stages.template_analysis.main(["--params", "params_templates.yaml"])
+    assert json.loads(result_path.read_text()) == result

@@ -13,7 +13,10 @@ from matplotlib.image import imread
 
 import stages.report
 from akd_cache.config import Params
-from akd_cache.evaluation import report
+from akd_cache.report import runs as report_runs
+from akd_cache.report.markdown import NOT_RUN
+from akd_cache.report.plots import PLOT_FILES, series
+from akd_cache.report.rows import Row, main_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 5_000  # an empty 7x4 inch canvas at 120 dpi is smaller than any real plot
@@ -137,7 +140,7 @@ def write_runs(root: Path, models: list[str], with_extras: bool = True) -> None:
 def run_stage(root: Path, monkeypatch: pytest.MonkeyPatch, tail: dict | None) -> str:
     (root / "params.yaml").write_text(yaml.safe_dump(params_doc(), sort_keys=False))
     monkeypatch.chdir(root)
-    monkeypatch.setattr(report, "load_tail_histogram", lambda pointer: tail)
+    monkeypatch.setattr(report_runs, "load_tail_histogram", lambda pointer: tail)
     stages.report.main(["--params", "params.yaml"])
     return (root / "reports" / "report.md").read_text()
 
@@ -245,7 +248,7 @@ def test_taxonomy(full):
 def test_plots_are_pngs(full):
     root, markdown, _ = full
     plots = root / "reports" / "plots"
-    for name in report.PLOT_FILES.values():
+    for name in PLOT_FILES.values():
         path = plots / name
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE), name
@@ -269,7 +272,7 @@ def test_summary_json(full):
 
 def test_series_skips_summary_lines_and_repeated_steps():
     log = [json.loads(line) for line in train_log("akd").splitlines()]
-    steps, values = report.series(log, "loss")
+    steps, values = series(log, "loss")
     assert steps == [1, 2, 3, 4, 5]
     assert values[0] == 3.0
 
@@ -281,26 +284,27 @@ def test_only_a_teacher(tmp_path, monkeypatch):
     parts = sections(markdown)
     assert list(by_run(table(parts["Table 5"]))) == ["teacher"]
     for name in ("Table 6", "Table 7", "Table 9", "Table 11", "Table 12"):
-        assert report.NOT_RUN in parts[name], name
+        assert NOT_RUN in parts[name], name
     assert table(parts["Table 13"])[""] == ["`teacher`"]
     plots = tmp_path / "reports" / "plots"
-    assert (plots / report.PLOT_FILES["pass"]).is_file()
+    assert (plots / PLOT_FILES["pass"]).is_file()
     for name in ("beta", "loss", "tail"):
-        assert not (plots / report.PLOT_FILES[name]).exists()
+        assert not (plots / PLOT_FILES[name]).exists()
     assert "teacher cache: `-`" in markdown
     summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
     assert list(summary["table5"]) == ["teacher"]
 
 
 def test_no_pointer_no_histogram(tmp_path):
-    assert report.load_tail_histogram(tmp_path / "teacher_cache.json") is None
+    assert report_runs.load_tail_histogram(tmp_path / "teacher_cache.json") is None
 
 
-def test_seqkd_is_its_own_row():
-    """An experiment named seqkd (SFT on the teacher's generations) is SeqKD, never SFT."""
+def test_rows_come_from_the_method_not_the_name():
+    """An experiment named seqkd with `method: sft` is an SFT run; SeqKD is `method: seqkd`."""
     doc = params_doc()
-    doc["experiments"] = {"seqkd": {"method": "sft"}, "sft": {"method": "sft"}}
+    doc["experiments"] = {"seqkd": {"method": "sft"}, "generated": {"method": "seqkd"}}
     params = Params.model_validate(doc)
-    evals = {name: eval_metrics("sft") for name in ("teacher", "seqkd")}
-    assert report.main_rows(params, evals) == [report.Row("Teacher", "teacher"),
-                                               report.Row("SeqKD", "seqkd")]
+    evals = {name: eval_metrics("sft") for name in ("teacher", "seqkd", "generated")}
+    assert main_rows(params, evals) == [Row("Teacher", "teacher"),
+                                             Row("SFT", "seqkd"),
+                                             Row("SeqKD", "generated")]

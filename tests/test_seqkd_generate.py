@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from akd_cache.config import CacheConfig, Experiment, TeacherConfig, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.generation import Completion, Decoding, HFGenerator, complete_all, split_stops
 from akd_cache.store.reader import collate
 from akd_cache.student.seqkd_data import EMPTY_RESPONSE, SeqKDDataset
 from akd_cache.student.trainer import DistillationModule
@@ -26,14 +27,11 @@ from akd_cache.teacher.generate import (
     GENERATIONS_FILE,
     META_FILE,
     GenerationCacheError,
-    HFGenerator,
-    Response,
     generate_responses,
     generator_factory,
     make_generation_ingredients,
     prompts_sha256,
     read_generations,
-    split_stops,
     truncated_sample_ids,
 )
 
@@ -70,13 +68,13 @@ def prompts(examples) -> list[str]:
     return [render_prompt(TEMPLATE, e.instruction, e.input) for e in examples]
 
 
-def generate_all(generator: HFGenerator, prompts: list[str], stops=()) -> list[Response]:
-    by_index = dict(generator.generate(prompts, NEW_TOKENS, stops))
-    return [by_index[i] for i in range(len(prompts))]
+def generate_all(generator: HFGenerator, prompts: list[str], stops=()) -> list[Completion]:
+    decoding = Decoding(NEW_TOKENS, tuple(stops))
+    return [response for [response] in complete_all(generator, prompts, decoding)]
 
 
 @pytest.fixture(scope="module")
-def unstopped(llama, prompts) -> list[Response]:
+def unstopped(llama, prompts) -> list[Completion]:
     return generate_all(HFGenerator(*llama, batch_size=BATCH), prompts)
 
 
@@ -131,7 +129,7 @@ def test_stop_strings_cut_the_output(llama, prompts, unstopped):
     text = unstopped[1].text
     stop = re.search(r"[A-Za-z]{2,}", text[3:]).group(0)
     [stopped] = generate_all(HFGenerator(*llama), prompts[1:2], stops=(stop, "never seen"))
-    assert stopped == Response(text[: text.index(stop)], truncated=False)
+    assert stopped == Completion(text[: text.index(stop)], truncated=False)
 
 
 def test_special_token_stops_become_token_ids(llama):
@@ -210,8 +208,8 @@ class FixedBackend:
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
 
-    def generate(self, prompts, max_new_tokens, stops):
-        return ((i, Response(self.texts[i], truncated=False)) for i in range(len(prompts)))
+    def complete(self, prompts, decoding):
+        return ((i, Completion(self.texts[i], truncated=False)) for i in range(len(prompts)))
 
 
 def test_any_text_round_trips_through_the_file(tiny_models, examples, tmp_path):

@@ -291,7 +291,7 @@ def test_key_changes_with_every_ingredient(setup):
 
 def test_reader_refuses_a_student_with_another_tokenizer(setup, reference_cache, tiny_models,
                                                          codealpaca_rows):
-    from akd_cache.models.tiny import train_tokenizer
+    from tiny_models import train_tokenizer
 
     cache = TeacherCache(str(reference_cache))
     cache.check_student(setup["tokenizer"], expected_key=setup["ingredients"].key())

@@ -1,4 +1,4 @@
-"""The rendered prompt strings, pinned character for character (METHOD.md section 1)."""
+"""The rendered prompt strings, pinned character for character (docs/method.md §1)."""
 
 import pytest
 

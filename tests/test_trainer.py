@@ -142,7 +142,8 @@ def test_lora_trains_only_the_adapters(cache_and_student, tmp_path):
 
 
 def test_a_student_with_another_tokenizer_is_refused(cache_and_student, tmp_path, codealpaca_rows):
-    from akd_cache.models.tiny import save_tiny
+    from tiny_models import save_tiny
+
     from akd_cache.store.reader import CacheError
 
     other = save_tiny("llama", [r["output"] for r in codealpaca_rows[:200]], tmp_path / "m", 300)

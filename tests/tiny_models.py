@@ -1,4 +1,4 @@
-"""Tiny random models and a tokenizer trained offline: the test and demo stand-ins for hub models.
+"""Tiny random models and a tokenizer trained offline: the tests' stand-ins for hub models.
 
 Both real architectures of the paper's families are covered (GPTBigCode for StarCoder, Llama for
 TinyLlama/CodeLlama/SmolLM2) so every code path meets the layer names it will meet in real use.
@@ -14,11 +14,11 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     GPTBigCodeConfig,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    AutoModelForCausalLM,
 )
 
 Arch = Literal["gpt_bigcode", "llama"]

@@ -1,0 +1,71 @@
+"""Reading what the stages left under `runs/`: evaluations, training metrics and logs, the
+template analysis and the teacher cache's tail histogram. Anything missing reads as absent."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunData:
+    """Everything the report reads, keyed by model / experiment name."""
+
+    evals: dict[str, dict] = field(default_factory=dict)
+    train: dict[str, dict] = field(default_factory=dict)
+    logs: dict[str, list[dict]] = field(default_factory=dict)
+    templates: dict | None = None
+    cache_pointer: dict | None = None
+    tail_hist: dict | None = None
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The JSON lines of a training log; a line cut short by a run still writing is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _per_folder(root: Path, name: str) -> dict[str, Path]:
+    if not root.is_dir():
+        return {}
+    return {p.parent.name: p for p in sorted(root.glob(f"*/{name}")) if p.is_file()}
+
+
+def load_tail_histogram(pointer_path: Path) -> dict | None:
+    """The cache's tail-mass histogram (`{"edges", "counts"}`), or None when there is no
+    finished cache to read it from. Imported lazily: the reader pulls in torch."""
+    pointer = read_json(pointer_path)
+    if pointer is None:
+        return None
+    from akd_cache.store.reader import CacheError, TeacherCache
+
+    try:
+        meta = TeacherCache(pointer["location"], allow_incomplete=True).meta
+    except CacheError:
+        return None
+    return meta.get("stats", {}).get("tail_mass_log10_hist")
+
+
+def load_runs(runs_dir: Path, train_dir: Path | None = None) -> RunData:
+    train_dir = runs_dir / "train" if train_dir is None else train_dir
+    pointer_path = runs_dir / "teacher_cache.json"
+    return RunData(
+        evals={m: json.loads(p.read_text()) for m, p in
+               _per_folder(runs_dir / "eval", "metrics.json").items()},
+        train={e: json.loads(p.read_text()) for e, p in
+               _per_folder(train_dir, "metrics.json").items()},
+        logs={e: read_log(p) for e, p in _per_folder(train_dir, "log.jsonl").items()},
+        templates=read_json(runs_dir / "template_analysis.json"),
+        cache_pointer=read_json(pointer_path),
+        tail_hist=load_tail_histogram(pointer_path),
+    )
