@@ -1,10 +1,18 @@
-"""The `akd` command: the pipeline stages by name, plus tools on caches."""
+"""The `akd` command: the pipeline stages by name, plus tools on caches.
+
+An expected failure (an `AkdError`: a bad setting, missing input, damaged or locked cache, a
+model that is not there) prints one line, `akd <command>: <message>`, and exits with code 2.
+`--debug` anywhere on the command line, or `AKD_DEBUG=1`, shows its traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from akd_cache.errors import AkdError, CacheError
 
 STAGES = {
     "prepare": "stages.prepare",
@@ -16,6 +24,9 @@ STAGES = {
     "evaluate": "stages.evaluate",
     "report": "stages.report",
 }
+EXIT_USAGE = 2  # what argparse exits with on a bad command line; expected errors share it
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "AKD_DEBUG"
 
 
 def _inspect(argv: list[str]) -> None:
@@ -38,23 +49,42 @@ def _finalize(argv: list[str]) -> None:
     parser.add_argument("cache")
     args = parser.parse_args(argv)
     if not finalize(open_cache_group(args.cache, mode="r+"), args.cache):
-        sys.exit(f"{args.cache}: shards are still missing; run the remaining workers first")
+        raise CacheError(f"{args.cache}: shards are still missing; run the remaining workers first")
     print(f"{args.cache}: complete")
 
 
 TOOLS = {"inspect": _inspect, "finalize": _finalize}
 
 
+def _debug_requested(argv: list[str]) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in {"", "0"}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    debug = _debug_requested(argv)
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     commands = sorted([*STAGES, *TOOLS])
     if not argv or argv[0] in {"-h", "--help"}:
-        print(f"usage: akd {{{','.join(commands)}}} [options]")
+        print(f"usage: akd {{{','.join(commands)}}} [options] [{DEBUG_FLAG}]")
         return
     command, rest = argv[0], argv[1:]
-    if command in STAGES:
-        importlib.import_module(STAGES[command]).main(rest)
-    elif command in TOOLS:
-        TOOLS[command](rest)
-    else:
-        sys.exit(f"akd: unknown command {command!r}; choose one of {', '.join(commands)}")
+    if command not in STAGES and command not in TOOLS:
+        print(f"akd: unknown command {command!r}; choose one of {', '.join(commands)}",
+              file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        if command in STAGES:
+            importlib.import_module(STAGES[command]).main(rest)
+        else:
+            TOOLS[command](rest)
+    except AkdError as err:
+        if debug:
+            raise
+        message = " ".join(str(err).splitlines())
+        print(f"akd {command}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

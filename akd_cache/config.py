@@ -8,14 +8,17 @@ are errors that name the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from akd_cache.errors import ConfigError
+
 TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"]
 TruncationPolicy = Literal["truncate_response", "drop"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
+TailMode = Literal["bucket", "renormalize", "uniform"]
 
 
 class Strict(BaseModel):
@@ -88,7 +91,7 @@ class TrainConfig(Strict):
     max_steps: int = Field(-1, description="-1: run whole epochs")
     temperature: float = Field(1.0, gt=0)
     t2_scale: bool = False
-    tail_mode: Literal["bucket", "renormalize", "uniform"] = "bucket"
+    tail_mode: TailMode = "bucket"
     chunk_size: int = Field(1024, gt=0, description="loss positions per lm-head chunk")
     bf16: bool = False
     seed: int = 0
@@ -106,30 +109,109 @@ class LoraSettings(Strict):
     )
 
 
-class Experiment(Strict):
-    """One Stage 2 run: a `dvc.yaml` foreach item."""
+AKDVariant = Literal["m1", "m2", "m3"]
+BetaVariant = Literal[AKDVariant, "fixed"]
+"""How beta moves: the AKD variants of the paper's Table 11, or not at all."""
+ResetMode = Literal["choice", "uniform"]
 
-    method: Literal["sft", "seqkd", "kd", "rkd", "akd", "fixed_beta"]
-    variant: Literal["m1", "m2", "m3"] = "m3"
-    beta: float = Field(0.1, ge=0, le=1, description="akd: the initial beta; fixed_beta: beta")
-    beta_reset: Literal["choice", "uniform"] = "choice"
-    ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the reference, mixed in")
-    tail_mode: Literal["bucket", "renormalize", "uniform"] | None = None
+
+class BetaSchedule(NamedTuple):
+    """What beta's controller starts from: KD is beta 0 held fixed, RKD beta 1."""
+
+    variant: BetaVariant
+    initial: float
+    reset: ResetMode = "choice"
+
+
+class ExperimentBase(Strict):
+    """Settings every Stage 2 run has. One subclass per method, told apart by `method`."""
+
     lora: LoraSettings | None = None
 
+    @property
+    def beta_schedule(self) -> BetaSchedule:
+        return BetaSchedule("fixed", 0.0)
 
-class MiniLLM(Strict):
+
+class SFT(ExperimentBase):
+    """Cross-entropy on the reference responses; no teacher."""
+
+    method: Literal["sft"] = "sft"
+
+
+class SeqKD(ExperimentBase):
+    """Cross-entropy on the teacher's generated responses (the `teacher_generate` stage)."""
+
+    method: Literal["seqkd"] = "seqkd"
+
+
+class DistillationExperiment(ExperimentBase):
+    """A method that matches the teacher's distribution, mixed as beta * RKL + (1 - beta) * FKL:
+    from the cache, or `online` from the live teacher (the profile's teacher model, loaded beside
+    the student; exact full-vocabulary divergences, so no tail mode)."""
+
+    ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the reference, mixed in")
+    tail_mode: TailMode | None = Field(None, description="None: the profile's train.tail_mode")
+    online: bool = Field(False, description="the live teacher instead of the cache's top-k")
+
+    @model_validator(mode="after")
+    def _online_has_no_tail(self) -> DistillationExperiment:
+        if self.online and self.tail_mode is not None:
+            raise ValueError("tail_mode does not apply to an online teacher (no tail)")
+        return self
+
+
+class KD(DistillationExperiment):
+    method: Literal["kd"] = "kd"
+
+
+class RKD(DistillationExperiment):
+    method: Literal["rkd"] = "rkd"
+
+    @property
+    def beta_schedule(self) -> BetaSchedule:
+        return BetaSchedule("fixed", 1.0)
+
+
+class AKD(DistillationExperiment):
+    method: Literal["akd"] = "akd"
+    variant: AKDVariant = "m3"
+    beta: float = Field(0.1, ge=0, le=1, description="the initial beta")
+    beta_reset: ResetMode = "choice"
+
+    @property
+    def beta_schedule(self) -> BetaSchedule:
+        return BetaSchedule(self.variant, self.beta, self.beta_reset)
+
+
+class FixedBeta(DistillationExperiment):
+    method: Literal["fixed_beta"] = "fixed_beta"
+    beta: float = Field(0.1, ge=0, le=1)
+
+    @property
+    def beta_schedule(self) -> BetaSchedule:
+        return BetaSchedule("fixed", self.beta)
+
+
+class MiniLLM(ExperimentBase):
     """A MiniLLM run (Gu et al.): reverse KL by policy gradient on the student's own samples,
     against the teacher loaded online, through TRL's `MiniLLMTrainer`. lr, batch size, epochs,
     seed and the KD temperature come from the profile's `train`."""
 
-    method: Literal["minillm"]
+    method: Literal["minillm"] = "minillm"
     max_new_tokens: int = Field(128, gt=0, description="length cap of each student sample")
     num_generations: int = Field(1, gt=0, description="samples per prompt; divides batch_size")
     gamma: float = Field(0.0, ge=0, le=1, description="discount of the long-term RKL reward")
     single_step_decomposition: bool = Field(
         True, description="add the exact per-step RKL of each sampled prefix to the loss"
     )
+
+
+Experiment = Annotated[
+    SFT | SeqKD | KD | RKD | AKD | FixedBeta | MiniLLM, Field(discriminator="method")
+]
+"""One Stage 2 run (a `dvc.yaml` foreach item), typed by its `method`: a setting that method does
+not have is an error. A new method is one more model in this union."""
 
 
 class EvalConfig(Strict):
@@ -204,16 +286,16 @@ class Params(Strict):
         return self.profiles[self.profile]
 
 
-class ConfigError(ValueError):
-    """A params file that does not validate; the message names the file and each bad key."""
-
-
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: no such params file") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with `profile` and `profiles`")
     if profile is not None:
         raw["profile"] = profile
     try:

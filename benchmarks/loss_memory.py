@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from akd_cache.student.divergence import fused_divergence_loss, topk_divergences
+from akd_cache.student.loss import fused_divergence_loss, topk_divergences
 
 TEACHER_LOGIT_SCALE = 2.0  # spread of the synthetic teacher's top-k + tail logits
 BETA = 0.3  # AKD mix used for the coefficients; any value in (0, 1) costs the same

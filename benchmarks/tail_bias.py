@@ -38,7 +38,7 @@ from akd_cache.data.instructions import BadRow, prepare
 from akd_cache.data.tokenize import TokenizedSample, tokenize_example
 from akd_cache.models.prune import keep_layers, save_pruned_student
 from akd_cache.models.smollm2 import ensure_smollm2
-from akd_cache.student.divergence import TAIL_MODES, TailMode, temper_teacher, topk_divergences
+from akd_cache.student.loss import TAIL_MODES, TailMode, temper_teacher, topk_divergences
 from akd_cache.teacher.build import load_tokenizer
 from akd_cache.teacher.hf_backend import HFTeacher
 

@@ -16,6 +16,7 @@ from stages.common import (
     TEACHER_CACHE_DROPPED,
     TEACHER_CACHE_POINTER,
     load_stage_profile,
+    require_input,
     stage_args,
     write_json,
 )
@@ -28,9 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--break-lock", action="store_true")
     args = parser.parse_args(argv)
     profile = load_stage_profile(args)
-    summary = json.loads((PREPARED_DIR / "summary.json").read_text())
+    train = require_input(PREPARED_DIR / "train.jsonl", "prepare")
+    summary = json.loads(require_input(PREPARED_DIR / "summary.json", "prepare").read_text())
     built = build_cache(
-        profile.teacher, profile.data, profile.cache, read_examples(PREPARED_DIR / "train.jsonl"),
+        profile.teacher, profile.data, profile.cache, read_examples(train),
         summary["dataset_sha256"], worker_index=args.worker_index,
         num_workers=args.num_workers, break_lock=args.break_lock,
     )

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from akd_cache.config import Profile, load_params
+from akd_cache.errors import MissingInputError
 
 PREPARED_DIR = Path("data/prepared")
 RUNS_DIR = Path("runs")
@@ -24,6 +25,13 @@ def stage_args(description: str) -> argparse.ArgumentParser:
 
 def load_stage_profile(args: argparse.Namespace) -> Profile:
     return load_params(args.params, args.profile).active
+
+
+def require_input(path: Path, producer: str) -> Path:
+    """An earlier stage's output, or a one-line error naming the command that makes it."""
+    if not path.exists():
+        raise MissingInputError(f"{path}: not found; run `akd {producer}` first")
+    return path
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from akd_cache.config import load_params
+from akd_cache.errors import ConfigError
 from akd_cache.evaluation.run import evaluate_model
 from akd_cache.models.resolve import resolve_model
-from stages.common import RUNS_DIR, stage_args, write_json
+from stages.common import RUNS_DIR, require_input, stage_args, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,15 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, args.profile)
     profile = params.active
     if args.model == "teacher":
-        model_dir, kind, method = resolve_model(profile.teacher.model), "teacher", None
+        model_dir = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
+        kind, method = "teacher", None
     elif args.model == "student":
-        model_dir, kind, method = profile.student.model, "student", None
+        model_dir = resolve_model(profile.student.model, "student.model")
+        kind, method = "student", None
     elif args.model in params.experiments:
-        model_dir = str(Path(profile.train.output_root) / args.model / "model")
+        trained = Path(profile.train.output_root) / args.model / "model"
+        model_dir = str(require_input(trained, f"train --experiment {args.model}"))
         kind, method = "trained", params.experiments[args.model].method
     else:
-        raise SystemExit(f"{args.params}: --model {args.model!r} is neither teacher, student nor "
-                         f"an experiment ({', '.join(params.experiments)})")
+        raise ConfigError(f"{args.params}: --model {args.model!r} is neither teacher, student nor "
+                          f"an experiment ({', '.join(params.experiments)})")
     out = RUNS_DIR / "eval" / args.model
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_model(Path(model_dir), out, profile.eval)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from akd_cache.models.prune import save_pruned_student
-from akd_cache.models.resolve import MODELS_DIR, resolve_model
+from akd_cache.models.resolve import MODELS_DIR, embedded_folder, resolve_model
 from akd_cache.models.smollm2 import EMBEDDED_ID, ensure_smollm2
 from stages.common import load_stage_profile, stage_args, write_json
 
@@ -13,11 +13,13 @@ from stages.common import load_stage_profile, stage_args, write_json
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__).parse_args(argv)
     profile = load_stage_profile(args)
-    teacher = resolve_model(profile.teacher.model)
     if profile.teacher.model == EMBEDDED_ID:
-        ensure_smollm2(Path(teacher))
+        ensure_smollm2(embedded_folder(profile.teacher.model, "teacher.model"))
+    teacher = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
     student = profile.student
-    if student.keep_teacher_layers is not None:
+    if student.keep_teacher_layers is None:
+        resolve_model(student.model, "student.model")
+    else:
         save_pruned_student(teacher, Path(student.model), student.keep_teacher_layers)
     write_json(MODELS_DIR / "manifest.json", {
         "teacher": teacher,

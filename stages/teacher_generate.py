@@ -16,6 +16,7 @@ from stages.common import (
     PREPARED_DIR,
     TEACHER_GENERATIONS_POINTER,
     load_stage_profile,
+    require_input,
     stage_args,
     write_json,
 )
@@ -26,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--break-lock", action="store_true")
     args = parser.parse_args(argv)
     profile = load_stage_profile(args)
-    teacher_path = resolve_model(profile.teacher.model)
+    teacher_path = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
     tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
-    examples = read_examples(PREPARED_DIR / "train.jsonl")
+    examples = read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare"))
     ingredients = make_generation_ingredients(
         teacher=profile.teacher, teacher_path=teacher_path, tokenizer=tokenizer,
         examples=examples, template=profile.cache.template,

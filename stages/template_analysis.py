@@ -11,17 +11,25 @@ from akd_cache.data.templates import TEMPLATES
 from akd_cache.store.reader import TeacherCache
 from akd_cache.teacher.build import build_cache
 from akd_cache.teacher.template_analysis import compare_templates, per_sample_scores
-from stages.common import PREPARED_DIR, RUNS_DIR, load_stage_profile, stage_args, write_json
+from stages.common import (
+    PREPARED_DIR,
+    RUNS_DIR,
+    load_stage_profile,
+    require_input,
+    stage_args,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__).parse_args(argv)
     profile = load_stage_profile(args)
     settings = profile.template_analysis
-    examples = read_examples(PREPARED_DIR / "train.jsonl")
+    examples = read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare"))
     examples = random.Random(settings.seed).sample(examples, min(settings.n_samples,
                                                                  len(examples)))
-    dataset_sha256 = json.loads((PREPARED_DIR / "summary.json").read_text())["dataset_sha256"]
+    summary = require_input(PREPARED_DIR / "summary.json", "prepare")
+    dataset_sha256 = json.loads(summary.read_text())["dataset_sha256"]
     scores = {}
     for template in TEMPLATES:
         cache = profile.cache.model_copy(update={"template": template, "root": settings.root})

@@ -1,5 +1,7 @@
-"""Stage `train` (Stage 2): one experiment, the student against the teacher cache alone (MiniLLM:
-against the teacher online).
+"""Stage `train` (Stage 2): one experiment, the student against the teacher cache alone, or for
+an `online: true` experiment against the live teacher (the profile's teacher model, resolved as
+Stage 1 resolves it), with the cache's tokens and order; MiniLLM (through TRL) against the live
+teacher on the student's own samples of the prepared training prompts.
 
     akd train --experiment akd
 """
@@ -9,14 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from akd_cache.config import load_params
+from akd_cache.config import DistillationExperiment, MiniLLM, ModelRef, load_params
 from akd_cache.data.instructions import read_examples
+from akd_cache.errors import ConfigError
 from akd_cache.models.resolve import resolve_model
 from akd_cache.student.run import train_experiment
 from stages.common import (
     PREPARED_DIR,
     TEACHER_CACHE_POINTER,
     TEACHER_GENERATIONS_POINTER,
+    require_input,
     stage_args,
     write_json,
 )
@@ -28,31 +32,40 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.profile)
     if args.experiment not in params.experiments:
-        raise SystemExit(f"{args.params}: no experiment {args.experiment!r}; "
-                         f"known: {', '.join(params.experiments)}")
+        raise ConfigError(f"{args.params}: no experiment {args.experiment!r}; "
+                          f"known: {', '.join(params.experiments)}")
     profile = params.active
     experiment = params.experiments[args.experiment]
+    teacher = None
+    if isinstance(experiment, MiniLLM) or (
+        isinstance(experiment, DistillationExperiment) and experiment.online
+    ):
+        teacher = ModelRef(
+            model=resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision),
+            revision=profile.teacher.revision,
+        )
+    student = resolve_model(profile.student.model, "student.model")
     out = Path(profile.train.output_root) / args.experiment
-    if experiment.method == "minillm":
+    if isinstance(experiment, MiniLLM):
         from akd_cache.student.minillm import train_minillm  # TRL loads for MiniLLM runs only
 
         metrics = train_minillm(
-            profile.student.model, profile.teacher, resolve_model(profile.teacher.model),
-            read_examples(PREPARED_DIR / "train.jsonl"), profile.cache.template, experiment,
-            profile.train, out, args.experiment,
+            student, teacher, read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare")),
+            profile.cache.template, experiment, profile.train, out, args.experiment,
         )
     else:
+        require_input(TEACHER_CACHE_POINTER, "cache-teacher")
         generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
                        if TEACHER_GENERATIONS_POINTER.exists() else None)
         metrics = train_experiment(
-            json.loads(TEACHER_CACHE_POINTER.read_text())["location"], profile.student.model,
+            json.loads(TEACHER_CACHE_POINTER.read_text())["location"], student,
             experiment, profile.train, out, args.experiment,
-            generations=generations, cache_cfg=profile.cache,
+            generations=generations, cache_cfg=profile.cache, teacher=teacher,
         )
     write_json(out / "metrics.json", metrics)
-    beta = "" if metrics["final_beta"] is None else f"beta {metrics['final_beta']:.3f}, "
-    print(f"train {args.experiment}: {metrics['steps']} steps, loss {metrics['train_loss']:.4f}, "
-          f"{beta}{metrics['wall_s']:.0f} s")
+    beta = "" if metrics["final_beta"] is None else f", beta {metrics['final_beta']:.3f}"
+    print(f"train {args.experiment} ({metrics['teacher']} teacher): {metrics['steps']} steps, "
+          f"loss {metrics['train_loss']:.4f}{beta}, {metrics['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from akd_cache.config import ConfigError, load_params
+from akd_cache.config import AKD, KD, RKD, SFT, ConfigError, FixedBeta, SeqKD, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +52,71 @@ def test_custom_schema_needs_its_columns(tmp_path):
     doc["profiles"]["p"]["data"]["schema"] = "custom"
     with pytest.raises(ConfigError, match="data.columns must map"):
         load_params(write(tmp_path, doc))
+
+
+def with_experiments(**experiments) -> dict:
+    return {**minimal(), "experiments": experiments}
+
+
+def test_repository_experiments_are_typed_by_method():
+    experiments = load_params(REPO / "params.yaml").experiments
+    assert isinstance(experiments["akd"], AKD) and experiments["akd"].variant == "m3"
+    assert isinstance(experiments["seqkd"], SeqKD) and isinstance(experiments["sft"], SFT)
+    assert isinstance(experiments["beta_04"], FixedBeta) and experiments["beta_04"].beta == 0.4
+    assert experiments["akd_lora"].lora is not None and experiments["kd"].lora is None
+
+
+@pytest.mark.parametrize("experiment,key", [
+    ({"method": "kd", "beta": 0.7}, "beta"),
+    ({"method": "rkd", "beta": 0.7}, "beta"),
+    ({"method": "sft", "beta": 0.7}, "beta"),
+    ({"method": "sft", "tail_mode": "uniform"}, "tail_mode"),
+    ({"method": "seqkd", "tail_mode": "bucket"}, "tail_mode"),
+    ({"method": "sft", "ce_weight": 0.5}, "ce_weight"),
+    ({"method": "fixed_beta", "variant": "m1"}, "variant"),
+    ({"method": "kd", "beta_reset": "uniform"}, "beta_reset"),
+    ({"method": "sft", "online": True}, "online"),
+    ({"method": "seqkd", "online": True}, "online"),
+])
+def test_a_setting_the_method_does_not_have_is_an_error_naming_it(tmp_path, experiment, key):
+    method = experiment["method"]
+    with pytest.raises(ConfigError, match=rf"experiments\.x\.{method}\.{key}: Extra inputs"):
+        load_params(write(tmp_path, with_experiments(x=experiment)))
+
+
+def test_an_unknown_method_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"experiments\.x: Input tag 'minillm' found using "
+                                          r"'method' does not match any of the expected tags"):
+        load_params(write(tmp_path, with_experiments(x={"method": "minillm"})))
+
+
+def test_settings_that_apply_are_accepted(tmp_path):
+    experiments = load_params(write(tmp_path, with_experiments(
+        a={"method": "akd", "variant": "m1", "beta": 0.3, "beta_reset": "uniform",
+           "ce_weight": 0.5, "tail_mode": "uniform", "lora": {"rank": 4}},
+        k={"method": "kd", "ce_weight": 0.2, "tail_mode": "renormalize"},
+    ))).experiments
+    assert experiments["a"].ce_weight == 0.5 and experiments["a"].lora.rank == 4
+    assert experiments["k"].tail_mode == "renormalize"
+
+
+@pytest.mark.parametrize("experiment,schedule", [
+    (KD(), ("fixed", 0.0, "choice")),
+    (RKD(), ("fixed", 1.0, "choice")),
+    (FixedBeta(beta=0.6), ("fixed", 0.6, "choice")),
+    (AKD(variant="m2", beta=0.2, beta_reset="uniform"), ("m2", 0.2, "uniform")),
+    (SFT(), ("fixed", 0.0, "choice")),
+])
+def test_each_method_gives_its_beta_schedule(experiment, schedule):
+    assert tuple(experiment.beta_schedule) == schedule
+
+
+@pytest.mark.parametrize("method", ["kd", "rkd", "akd", "fixed_beta"])
+def test_distillation_methods_can_run_online_without_a_tail_mode(tmp_path, method):
+    experiments = load_params(write(tmp_path, with_experiments(
+        x={"method": method, "online": True}))).experiments
+    assert experiments["x"].online
+    with pytest.raises(ConfigError, match=rf"experiments\.x\.{method}: Value error, tail_mode "
+                                          "does not apply to an online teacher"):
+        load_params(write(tmp_path, with_experiments(
+            x={"method": method, "online": True, "tail_mode": "bucket"})))

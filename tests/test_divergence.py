@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from akd_cache.student.divergence import (
+from akd_cache.student.loss import (
     TAIL_MODES,
     fused_divergence_loss,
     temper_teacher,

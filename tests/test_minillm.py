@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import torch
+from tiny_models import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from akd_cache.config import MiniLLM, TeacherConfig, TrainConfig
+from akd_cache.config import MiniLLM, ModelRef, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_example
-from akd_cache.models.tiny import build_tiny_model
 from akd_cache.student.minillm import train_minillm
 
 TEMPLATE = "alpaca_original"
@@ -20,7 +20,7 @@ N_HELDOUT = 8
 MAX_LENGTH = 256
 STUDENT_SEED = 1  # the teacher is built from seed 0
 TRAIN = TrainConfig(lr=1e-2, batch_size=8, max_steps=12, save_steps=100)
-EXPERIMENT = MiniLLM(method="minillm", max_new_tokens=24)
+EXPERIMENT = MiniLLM(max_new_tokens=24)
 
 
 def heldout_rkl(student, teacher, tokenizer, examples: list[Example]) -> float:
@@ -53,8 +53,8 @@ def test_minillm_lowers_heldout_rkl(tiny_models, codealpaca_rows, tmp_path):
                          tokenizer, heldout)
 
     out = tmp_path / "minillm"
-    metrics = train_minillm(student_path, TeacherConfig(model=teacher_path), teacher_path, train,
-                            TEMPLATE, EXPERIMENT, TRAIN, out, "minillm")
+    metrics = train_minillm(student_path, ModelRef(model=teacher_path), train, TEMPLATE,
+                            EXPERIMENT, TRAIN, out, "minillm")
 
     trained = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     after = heldout_rkl(trained, teacher, tokenizer, heldout)

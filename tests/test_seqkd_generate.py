@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from akd_cache.config import CacheConfig, Experiment, TeacherConfig, TrainConfig
+from akd_cache.config import SFT, CacheConfig, TeacherConfig, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
 from akd_cache.generation import Completion, Decoding, HFGenerator, complete_all, split_stops
@@ -273,7 +273,7 @@ def test_dataset_puts_the_loss_on_the_response_and_eos(llama, examples, unstoppe
         assert batch["input_ids"][b][: len(prompt)].tolist() == prompt
 
     # the trainer's sft path: plain cross-entropy, the placeholder teacher rows change nothing
-    module = DistillationModule(model, Experiment(method="sft"), TrainConfig())
+    module = DistillationModule(model, SFT(), TrainConfig())
     out = module(**batch, beta=torch.tensor(0.0))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     per_sample = [

@@ -10,17 +10,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.config import (
+    AKD,
+    KD,
+    RKD,
+    SFT,
     CacheConfig,
     DataConfig,
-    Experiment,
     LoraSettings,
+    SeqKD,
     TeacherConfig,
     TrainConfig,
 )
 from akd_cache.data.instructions import Example
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.store.writer import fill
-from akd_cache.student.divergence import topk_divergences
+from akd_cache.student.loss import topk_divergences
 from akd_cache.student.run import train_experiment
 from akd_cache.student.trainer import DistillationModule, DistillTrainer
 from akd_cache.teacher.build import make_ingredients, tokenize_split
@@ -60,11 +64,12 @@ def run(cache_and_student, out, experiment, train=TRAIN, name="x"):
 
 @pytest.mark.parametrize("method,beta", [("akd", 0.3), ("kd", 0.0), ("rkd", 1.0), ("sft", 0.0)])
 def test_step_loss_equals_a_naive_full_vocabulary_computation(cache_and_student, method, beta):
+    experiment = {"akd": AKD, "kd": KD, "rkd": RKD, "sft": SFT}[method]()
     location, student_path = cache_and_student
     cache = TeacherCache(location)
     batch = collate([cache[i] for i in range(4)])
     student = AutoModelForCausalLM.from_pretrained(student_path)
-    module = DistillationModule(student, Experiment(method=method), TRAIN)
+    module = DistillationModule(student, experiment, TRAIN)
     out = module(**batch, beta=torch.tensor(beta))
     logits = student(input_ids=batch["input_ids"],
                      attention_mask=batch["attention_mask"]).logits.double()
@@ -86,7 +91,7 @@ def test_step_loss_equals_a_naive_full_vocabulary_computation(cache_and_student,
 
 def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_path,
                                                          monkeypatch):
-    experiment = Experiment(method="akd", beta=0.1)
+    experiment = AKD(beta=0.1)
     straight = run(cache_and_student, tmp_path / "a", experiment)
     again = run(cache_and_student, tmp_path / "b", experiment)
     weights_a = load_file(tmp_path / "a" / "model" / "model.safetensors")
@@ -118,7 +123,7 @@ def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_
 
 def test_m3_resets_beta_at_each_epoch_start_only(cache_and_student, tmp_path):
     train = TrainConfig(batch_size=4, epochs=3, save_steps=100, lr=1e-3)
-    run(cache_and_student, tmp_path, Experiment(method="akd", beta=0.3), train)
+    run(cache_and_student, tmp_path, AKD(beta=0.3), train)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     used = [e["beta_used"] for e in log if "beta_used" in e]
     steps_per_epoch = N_SAMPLES // 4
@@ -133,8 +138,7 @@ def test_m3_resets_beta_at_each_epoch_start_only(cache_and_student, tmp_path):
 
 
 def test_lora_trains_only_the_adapters(cache_and_student, tmp_path):
-    location, student_path = cache_and_student
-    experiment = Experiment(method="kd", lora=LoraSettings(rank=4))
+    experiment = KD(lora=LoraSettings(rank=4))
     run(cache_and_student, tmp_path, experiment, TrainConfig(batch_size=4, max_steps=2, lr=1e-2))
     adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
     assert adapter and all("lora" in name for name in adapter)
@@ -148,15 +152,15 @@ def test_a_student_with_another_tokenizer_is_refused(cache_and_student, tmp_path
 
     other = save_tiny("llama", [r["output"] for r in codealpaca_rows[:200]], tmp_path / "m", 300)
     with pytest.raises(CacheError, match="tokenizer"):
-        train_experiment(cache_and_student[0], str(other), Experiment(method="kd"), TRAIN,
+        train_experiment(cache_and_student[0], str(other), KD(), TRAIN,
                          tmp_path / "out", "x")
 
 
 def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_path):
-    first = run(cache_and_student, tmp_path, Experiment(method="kd"))
+    first = run(cache_and_student, tmp_path, KD())
     assert first["steps"] == 4
     changed = TrainConfig(batch_size=4, max_steps=4, save_steps=2, lr=5e-4, chunk_size=37)
-    second = run(cache_and_student, tmp_path, Experiment(method="kd"), changed)
+    second = run(cache_and_student, tmp_path, KD(), changed)
     assert second["steps"] == 4 and second["train_loss"] != first["train_loss"]
     log = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len([line for line in log if '"fkl"' in line]) == 4  # the old run's log is gone
@@ -182,12 +186,12 @@ def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpac
     generate_responses(location, examples, ingredients,
                        generator_factory(TeacherConfig(model=teacher), teacher, 4))
     metrics = train_experiment(
-        cache_and_student[0], cache_and_student[1], Experiment(method="seqkd"),
+        cache_and_student[0], cache_and_student[1], SeqKD(),
         TrainConfig(batch_size=2, max_steps=2, lr=1e-3), tmp_path / "out", "seqkd",
         generations=str(location), cache_cfg=CacheConfig(max_length=128),
     )
     assert metrics["steps"] == 2 and metrics["cache_key"] == location.name
     assert metrics["train_loss"] > 0
     with pytest.raises(ValueError, match="needs the teacher's generations"):
-        train_experiment(cache_and_student[0], cache_and_student[1], Experiment(method="seqkd"),
+        train_experiment(cache_and_student[0], cache_and_student[1], SeqKD(),
                          TRAIN, tmp_path / "out2", "seqkd")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from akd_cache.config import DataConfig
+from akd_cache.errors import DataError
 
 SCHEMA_COLUMNS: dict[str, dict[str, str]] = {
     "codealpaca": {"instruction": "instruction", "input": "input", "output": "output"},
@@ -46,7 +47,7 @@ def read_rows(dataset: str, hub_split: str = "train") -> list[dict]:
     path = Path(dataset)
     if path.suffix in {".json", ".jsonl"}:
         if not path.exists():
-            raise FileNotFoundError(f"{path}: dataset file not found")
+            raise DataError(f"{path}: dataset file not found; fix data.dataset in the params")
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
             rows = []
@@ -61,9 +62,9 @@ def read_rows(dataset: str, hub_split: str = "train") -> list[dict]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            raise DataError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
         return rows
     from datasets import load_dataset
 
@@ -131,7 +132,7 @@ def prepare(cfg: DataConfig) -> PreparedData:
         seen.add(identity)
         examples.append(example)
     if cfg.heldout >= len(examples):
-        raise ValueError(
+        raise DataError(
             f"{cfg.dataset}: data.heldout={cfg.heldout} leaves no training data "
             f"({len(examples)} usable rows)"
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import get_args
 
 from akd_cache.config import TemplateName
+from akd_cache.errors import ConfigError
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -54,4 +55,4 @@ def render_prompt(template: str, instruction: str, input: str = "") -> str:
             f"{ALPACA_ORIGINAL_PREAMBLE_NO_INPUT}\n\n### Instruction:\n{instruction}\n\n"
             "### Response:\n"
         )
-    raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    raise ConfigError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from akd_cache.config import TruncationPolicy
 from akd_cache.data.instructions import BadRow, Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.errors import ModelError
 
 MIN_RESPONSE_TOKENS = 1
 
@@ -48,7 +49,7 @@ def tokenize_example(
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+        raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
     ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
     if len(ids) > max_length:
         if truncation == "drop":

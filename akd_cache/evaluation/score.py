@@ -34,6 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from akd_cache.errors import DataError
 from akd_cache.evaluation.problems import (
     Dataset,
     dataset_file,
@@ -145,7 +146,7 @@ def _dataset_for(samples: list[dict], source: Path, run_dir: Path, allow_subset:
     known = {r["task_id"] for r in rows}
     wanted = {s["task_id"] for s in samples}
     if unknown := wanted - known:
-        raise ValueError(f"{len(unknown)} sample task ids are not in {source}, e.g. {min(unknown)}")
+        raise DataError(f"{len(unknown)} sample task ids are not in {source}, e.g. {min(unknown)}")
     if wanted == known:
         return source
     if not allow_subset:

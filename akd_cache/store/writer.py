@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from akd_cache import __version__
 from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.errors import CacheError, ConfigError, ModelError
 from akd_cache.store import format as fmt
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.lock import WriterLock
@@ -54,7 +55,8 @@ def plan_shards(n_rows: Sequence[int], shard_rows: int) -> ShardPlan:
     shard, used = 0, 0
     for i, n in enumerate(n_rows):
         if n > shard_rows:
-            raise ValueError(f"sample {i} has {n} loss rows, more than shard_rows={shard_rows}")
+            raise ConfigError(f"sample {i} has {n} loss rows, more than shard_rows={shard_rows}; "
+                              "raise cache.shard_tokens above cache.max_length")
         if used + n > shard_rows:
             shard, used = shard + 1, 0
         row_start[i], shard_of[i] = shard * shard_rows + used, shard
@@ -62,7 +64,7 @@ def plan_shards(n_rows: Sequence[int], shard_rows: int) -> ShardPlan:
     return ShardPlan(row_start, shard_of, shard_rows, shard + 1 if n_rows else 0)
 
 
-class IncompatibleCacheError(ValueError):
+class IncompatibleCacheError(CacheError):
     pass
 
 
@@ -91,12 +93,13 @@ def open_or_init(
         if meta["key"] != ingredients.key():
             raise IncompatibleCacheError(
                 f"{location}: holds cache {meta['key']}, not {ingredients.key()}; "
-                "a cache location is tied to its key"
+                "a cache location is tied to its key; move that folder away or change cache.root"
             )
         return group, plan
     tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])
     if tokens.size and tokens.max() >= vocab_size:
-        raise ValueError(f"token id {tokens.max()} is outside the vocabulary of {vocab_size}")
+        raise ModelError(f"token id {tokens.max()} is outside the vocabulary of {vocab_size}; "
+                         "the tokenizer does not belong to the model")
     fmt.create_layout(
         group, n_rows_padded=plan.n_rows_padded, shard_rows=shard_rows, n_shards=plan.n_shards,
         k=ingredients.k, vocab_size=vocab_size, n_tokens=len(tokens),
@@ -165,7 +168,7 @@ def write_shard(
 
 def worker_shards(n_shards: int, worker_index: int, num_workers: int) -> list[int]:
     if not 0 <= worker_index < num_workers:
-        raise ValueError(f"--worker-index {worker_index} is not in [0, {num_workers})")
+        raise ConfigError(f"--worker-index {worker_index} is not in [0, {num_workers})")
     return list(range(worker_index, n_shards, num_workers))
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-AKDVariant = Literal["m1", "m2", "m3", "fixed"]
-ResetMode = Literal["choice", "uniform"]
+from akd_cache.config import BetaVariant, ResetMode
+
 BETA_LR = 0.01
 REG_LAMBDA = 0.5
 REG_EPS = 1e-4
@@ -48,7 +47,7 @@ class BetaState:
 class BetaController:
     def __init__(
         self,
-        variant: AKDVariant = "m3",
+        variant: BetaVariant = "m3",
         beta_init: float = 0.1,
         reset: ResetMode = "choice",
         seed: int = 0,

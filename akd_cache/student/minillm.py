@@ -16,23 +16,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    TrainerCallback,
-)
+from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
-from akd_cache.config import MiniLLM, TeacherConfig, TrainConfig
+from akd_cache.config import MiniLLM, ModelRef, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
 from akd_cache.data.tokenize import tokenizer_fingerprint
+from akd_cache.errors import ConfigError
 from akd_cache.run_settings import discard_if_changed
-from akd_cache.student.setup import training_arguments
+from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import peak_memory_mb
-from akd_cache.teacher.hf_backend import DTYPES
 
 RUN_SETTINGS_FILE = "run_settings.json"
 
@@ -41,13 +36,6 @@ def prompt_dataset(examples: Sequence[Example], template: str) -> Dataset:
     """The training prompts under the cache's template, in TRL's `prompt` column."""
     return Dataset.from_dict({"prompt": [render_prompt(template, e.instruction, e.input)
                                          for e in examples]})
-
-
-def load_teacher(teacher: TeacherConfig, path: str) -> PreTrainedModel:
-    """The teacher for the whole run: frozen, in the profile's dtype (TRL places it)."""
-    model = AutoModelForCausalLM.from_pretrained(path, revision=teacher.revision,
-                                                 dtype=DTYPES[teacher.dtype])
-    return model.eval().requires_grad_(False)
 
 
 def minillm_arguments(experiment: MiniLLM, train: TrainConfig, output_dir: Path) -> MiniLLMConfig:
@@ -78,18 +66,17 @@ class JsonlLog(TrainerCallback):
 
 
 def train_minillm(
-    student_path: str, teacher: TeacherConfig, teacher_path: str, examples: Sequence[Example],
-    template: str, experiment: MiniLLM, train: TrainConfig, out: Path, name: str,
+    student_path: str, teacher: ModelRef, examples: Sequence[Example], template: str,
+    experiment: MiniLLM, train: TrainConfig, out: Path, name: str,
 ) -> dict:
     """Train (resuming from the last checkpoint in `out` if any), save the student to
-    `out/model`, return the metrics every run returns."""
+    `out/model`, return the metrics every run returns. `teacher` is a resolved path."""
     tokenizer = AutoTokenizer.from_pretrained(student_path)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path, revision=teacher.revision)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher.model, revision=teacher.revision)
     if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(teacher_tokenizer):
-        raise ValueError(f"{student_path}: the student's tokenizer differs from the teacher's "
-                         f"({teacher_path}); MiniLLM needs the teacher's vocabulary")
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=DTYPES[
-        "bfloat16" if train.bf16 else "float32"])
+        raise ConfigError(f"{student_path}: the student's tokenizer differs from the teacher's "
+                          f"({teacher.model}); MiniLLM needs the teacher's vocabulary")
+    student = load_student(student_path, experiment, train.bf16)
     checkpoints = out / "checkpoints"
     settings = {"teacher": teacher.model_dump(), "student": student_path, "template": template,
                 "prompts": len(examples), "experiment": experiment.model_dump(),
@@ -97,7 +84,7 @@ def train_minillm(
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = MiniLLMTrainer(
         model=student,
-        teacher_model=load_teacher(teacher, teacher_path),
+        teacher_model=load_teacher(teacher, train.bf16),
         args=minillm_arguments(experiment, train, checkpoints),
         train_dataset=prompt_dataset(examples, template),
         processing_class=tokenizer,
@@ -116,6 +103,7 @@ def train_minillm(
         "experiment": name,
         "method": experiment.method,
         "cache_key": None,
+        "teacher": "online",
         "train_loss": result.training_loss,
         "final_fkl": None,
         "final_rkl": None,

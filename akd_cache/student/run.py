@@ -10,22 +10,29 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
-from akd_cache.config import CacheConfig, Experiment, TrainConfig
+from akd_cache.config import (
+    CacheConfig,
+    DistillationExperiment,
+    Experiment,
+    ModelRef,
+    SeqKD,
+    TrainConfig,
+)
+from akd_cache.errors import CacheError, ConfigError
 from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.akd import BetaController
 from akd_cache.student.seqkd_data import SeqKDDataset
-from akd_cache.student.setup import load_student, training_arguments
+from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
     DistillationModule,
     DistillTrainer,
     load_beta_state,
-    method_beta,
     peak_memory_mb,
 )
 
-
 RUN_SETTINGS_FILE = "run_settings.json"
+DEFAULT_CACHE = CacheConfig()
 
 
 def training_data(
@@ -34,9 +41,11 @@ def training_data(
 ) -> tuple[torch.utils.data.Dataset, str]:
     """The dataset and the key of what it was made from: the logit cache, or for SeqKD the
     teacher's generated responses (text, so any student tokenizer will do)."""
-    if experiment.method == "seqkd":
+    if isinstance(experiment, SeqKD):
         if generations is None:
-            raise ValueError("method seqkd needs the teacher's generations (akd teacher-generate)")
+            raise CacheError(
+                "method seqkd needs the teacher's generations; run `akd teacher-generate`"
+            )
         dataset = SeqKDDataset.from_generations(generations, tokenizer, cache_cfg)
         return dataset, Path(generations).name
     cache = TeacherCache(cache_location)
@@ -46,23 +55,33 @@ def training_data(
 
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
-    out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = CacheConfig(),
+    out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = DEFAULT_CACHE,
+    teacher: ModelRef | None = None,
 ) -> dict:
     """Train (resuming from the last checkpoint in `out` if any), save the student, return the
-    run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included."""
+    run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included.
+
+    `teacher` (a resolved path) is loaded only for an online experiment, which still reads the
+    cache for its tokens, masks and order."""
+    online = isinstance(experiment, DistillationExperiment) and experiment.online
+    if online and teacher is None:
+        raise ConfigError(f"experiment {name!r} is online: it needs the teacher model")
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     dataset, data_key = training_data(experiment, cache_location, tokenizer, generations,
                                       cache_cfg)
     student = load_student(student_path, experiment, train.bf16)
-    variant, beta = method_beta(experiment)
-    controller = BetaController(variant, beta_init=beta, reset=experiment.beta_reset,
-                                seed=train.seed)
+    live_teacher = load_teacher(teacher, train.bf16) if online else None
+    schedule = experiment.beta_schedule
+    controller = BetaController(schedule.variant, beta_init=schedule.initial,
+                                reset=schedule.reset, seed=train.seed)
     checkpoints = out / "checkpoints"
     settings = {"data_key": data_key, "student": student_path,
                 "experiment": experiment.model_dump(), "train": train.model_dump()}
+    if online:
+        settings["teacher"] = teacher.model_dump()
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = DistillTrainer(
-        model=DistillationModule(student, experiment, train),
+        model=DistillationModule(student, experiment, train, live_teacher),
         args=training_arguments(train, checkpoints),
         train_dataset=dataset,
         data_collator=collate,
@@ -83,6 +102,7 @@ def train_experiment(
         "experiment": name,
         "method": experiment.method,
         "cache_key": data_key,
+        "teacher": "online" if online else "cache",
         "train_loss": result.training_loss,
         "final_fkl": history[-1]["fkl"] if history else None,
         "final_rkl": history[-1]["rkl"] if history else None,

@@ -1,4 +1,5 @@
-"""Build what a Stage 2 run needs: the student (optionally with LoRA) and the Trainer's args."""
+"""Build what a Stage 2 run needs: the student (optionally with LoRA), the live teacher of an
+online run, and the Trainer's args."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
 
-from akd_cache.config import Experiment, LoraSettings, TrainConfig
+from akd_cache.config import Experiment, LoraSettings, ModelRef, TrainConfig
+from akd_cache.errors import ConfigError
 
+# the loss applies the lm head alone; these would change the logits after it
+UNSUPPORTED_LOGIT_SETTINGS = ("logit_scale", "final_logit_softcapping")
 LORA_DEFAULT_TARGETS = {
     "gpt_bigcode": ["c_attn"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -20,15 +24,18 @@ def lora_targets(model: PreTrainedModel, settings: LoraSettings) -> list[str]:
         return settings.targets
     kind = model.config.model_type
     if kind not in LORA_DEFAULT_TARGETS:
-        raise ValueError(
+        raise ConfigError(
             f"no default LoRA targets for model type {kind!r}; set lora.targets in the experiment"
         )
     return LORA_DEFAULT_TARGETS[kind]
 
 
+def training_dtype(bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def load_student(path: str, experiment: Experiment, bf16: bool = False) -> PreTrainedModel:
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=training_dtype(bf16))
     if experiment.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -38,6 +45,17 @@ def load_student(path: str, experiment: Experiment, bf16: bool = False) -> PreTr
         r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=lora_targets(model, settings), task_type="CAUSAL_LM",
     ))
+
+
+def load_teacher(teacher: ModelRef, bf16: bool = False) -> PreTrainedModel:
+    """The live teacher of an online run: frozen, in eval mode, in the student's dtype."""
+    model = AutoModelForCausalLM.from_pretrained(
+        teacher.model, revision=teacher.revision, dtype=training_dtype(bf16)
+    )
+    for setting in UNSUPPORTED_LOGIT_SETTINGS:
+        if getattr(model.config, setting, None):
+            raise ConfigError(f"{teacher.model}: {setting} is not supported for an online teacher")
+    return model.eval().requires_grad_(False)
 
 
 def training_arguments(

@@ -1,10 +1,12 @@
 """Stage 2: train the student against the teacher cache on transformers' Trainer.
 
-The Trainer drives a `DistillationModule`: the student's decoder, then the fused loss of
-`divergence.py` on the loss positions only, so [batch, seq, vocab] logits never exist and DDP /
-FSDP wrap the whole step unchanged (`torchrun` or `accelerate launch`). beta is updated after
-every training batch from the batch means of the per-sample normalised FKL and RKL, averaged
-over processes so every rank holds the same beta; its state is saved in each checkpoint.
+The Trainer drives a `DistillationModule`: the student's decoder, then `loss.py`'s objective
+on the loss positions only, so [batch, seq, vocab] logits never exist and DDP / FSDP wrap the
+whole step unchanged (`torchrun` or `accelerate launch`). An online run is the same module with
+the live teacher's decoder run beside the student without grad; its data, order and seed are the
+cache run's. beta is updated after every training batch from the batch means of the per-sample
+normalised FKL and RKL, averaged over processes so every rank holds the same beta; its state is
+saved in each checkpoint.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from akd_cache.config import Experiment, TrainConfig
+from akd_cache.config import DistillationExperiment, Experiment, TrainConfig
 from akd_cache.store.reader import CacheDataset, ShardShuffleSampler
 from akd_cache.student.akd import BetaController, BetaState
-from akd_cache.student.divergence import fused_divergence_loss
+from akd_cache.student.loss import (
+    CachedTeacher,
+    LiveTeacher,
+    LossOutput,
+    LossSettings,
+    distillation_loss,
+)
 
-CROSS_ENTROPY_METHODS = ("sft", "seqkd")  # references, or the teacher's generated responses
 BETA_STATE_FILE = "beta_state.pt"
 TRAINING_ARGS_FILE = "training_args.bin"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -35,40 +42,26 @@ KIB = 1024
 MIB = 2**20
 
 
-def method_beta(experiment: Experiment) -> tuple[str, float]:
-    """The controller variant and starting beta of a method: KD is beta 0, RKD beta 1."""
-    if experiment.method == "kd":
-        return "fixed", 0.0
-    if experiment.method == "rkd":
-        return "fixed", 1.0
-    if experiment.method == "akd":
-        return experiment.variant, experiment.beta
-    return "fixed", experiment.beta
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    fkl: torch.Tensor  # batch mean of per-sample normalised FKL, detached
-    rkl: torch.Tensor
-    teacher_tail: torch.Tensor  # mean tail mass over loss positions, detached
-    student_tail: torch.Tensor
-    tokens: torch.Tensor  # loss positions in the batch
-
-
 class DistillationModule(torch.nn.Module):
-    """The student plus its loss: what the Trainer (and DDP) wraps."""
+    """The student plus its loss, and the frozen live teacher of an online run: what the Trainer
+    (and DDP) wraps."""
 
-    def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig):
+    def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig,
+                 teacher: PreTrainedModel | None = None):
         super().__init__()
+        online = isinstance(experiment, DistillationExperiment) and experiment.online
+        if online != (teacher is not None):
+            raise ValueError("an online experiment needs the teacher model, a cache run none")
         self.student = student
-        cross_entropy_only = experiment.method in CROSS_ENTROPY_METHODS
-        self.ce_weight = 1.0 if cross_entropy_only else experiment.ce_weight
-        self.distill = not cross_entropy_only
-        self.tail_mode = experiment.tail_mode or train.tail_mode
-        self.temperature = train.temperature
-        self.t2_scale = train.t2_scale
-        self.chunk_size = train.chunk_size
+        self.teacher = teacher
+        self.loss_settings = LossSettings.of(experiment, train)
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """The teacher stays in eval mode (no dropout) while the student trains."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     def _causal_lm(self) -> PreTrainedModel:
         inner = self.student
@@ -84,34 +77,19 @@ class DistillationModule(torch.nn.Module):
         topk_logprobs: torch.Tensor,
         tail_logmass: torch.Tensor,
         beta: torch.Tensor,
-    ) -> StepOutput:
+    ) -> LossOutput:
         lm = self._causal_lm()
         hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        head = lm.get_output_embeddings()
-        rows = hidden[loss_mask]
-        sample_of = torch.nonzero(loss_mask)[:, 0]
-        lengths = loss_mask.sum(1).clamp(min=1).float()
-        # per-sample length normalisation, then the batch mean (docs/method.md §3)
-        weight = 1.0 / (lengths[sample_of] * loss_mask.shape[0])
-        beta = beta.to(weight)
-        distill = float(self.distill)
-        loss, div = fused_divergence_loss(
-            rows, head.weight, head.bias, topk_ids[loss_mask], topk_logprobs[loss_mask],
-            tail_logmass[loss_mask],
-            fkl_coef=distill * (1 - beta) * weight, rkl_coef=distill * beta * weight,
-            ce_coef=self.ce_weight * weight if self.ce_weight else None,
-            target_ids=labels[loss_mask] if self.ce_weight else None,
-            temperature=self.temperature, mode=self.tail_mode, chunk_size=self.chunk_size,
-            t2_scale=self.t2_scale,
-        )
-        return StepOutput(
-            loss=loss,
-            fkl=(div.fkl.float() * weight).sum(),
-            rkl=(div.rkl.float() * weight).sum(),
-            teacher_tail=tail_logmass[loss_mask].exp().mean(),
-            student_tail=div.student_tail_logmass.float().exp().mean(),
-            tokens=loss_mask.sum(),
-        )
+        if self.teacher is None:
+            teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass)
+        else:
+            with torch.no_grad():
+                teacher_hidden = self.teacher.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).last_hidden_state
+            teacher = LiveTeacher(teacher_hidden, self.teacher.get_output_embeddings())
+        return distillation_loss(hidden, lm.get_output_embeddings(), teacher, loss_mask, labels,
+                                 beta, self.loss_settings)
 
 
 def peak_memory_mb() -> float:
@@ -163,7 +141,7 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         beta = torch.tensor(self.controller.beta)
-        out: StepOutput = model(**inputs, beta=beta)
+        out: LossOutput = model(**inputs, beta=beta)
         if model.training:
             fkl = self.accelerator.reduce(out.fkl.detach(), "mean")
             rkl = self.accelerator.reduce(out.rkl.detach(), "mean")

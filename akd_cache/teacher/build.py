@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import BadRow, DroppedRow, Example
 from akd_cache.data.tokenize import TokenizedSample, tokenize_example
 from akd_cache.models.resolve import resolve_model
+from akd_cache.models.vocab import check_top_k, model_vocab_size
 from akd_cache.store.key import CacheIngredients, samples_sha256, teacher_identity
 from akd_cache.store.writer import fill
 from akd_cache.teacher.rows import TeacherBackend
@@ -122,7 +123,9 @@ def build_cache(
 ) -> BuiltCache:
     """Tokenise `examples` with the teacher's tokenizer, name the cache by its ingredients and
     fill this worker's shards (the teacher loads only if a shard is missing)."""
-    teacher_path = resolve_model(teacher.model)
+    teacher_path = resolve_model(teacher.model, "teacher.model", teacher.revision)
+    vocab_size = model_vocab_size(teacher_path, teacher.revision)
+    check_top_k(cache.k, vocab_size, teacher_path)
     tokenizer = load_tokenizer(teacher_path, teacher.revision)
     split = tokenize_split(tokenizer, examples, cache)
     ingredients = make_ingredients(
@@ -131,7 +134,6 @@ def build_cache(
     )
     key = ingredients.key()
     location = cache_location(cache.root, key)
-    vocab_size = AutoConfig.from_pretrained(teacher_path, revision=teacher.revision).vocab_size
     complete = fill(
         location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
         backend_factory(teacher, teacher_path, cache), shard_rows=cache.shard_tokens,

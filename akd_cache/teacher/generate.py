@@ -28,6 +28,7 @@ from akd_cache import generation
 from akd_cache.config import TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
+from akd_cache.errors import CacheError
 from akd_cache.generation import DEFAULT_BATCH_SIZE, DEFAULT_STOPS, Decoding, TextGenerator
 from akd_cache.store.key import hash_key, teacher_identity
 from akd_cache.store.lock import WriterLock
@@ -111,7 +112,7 @@ def generator_factory(
 # --- the cache folder -----------------------------------------------------------------------
 
 
-class GenerationCacheError(ValueError):
+class GenerationCacheError(CacheError):
     pass
 
 
@@ -128,7 +129,7 @@ def _check_or_init_meta(folder: Path, ingredients: GenerationIngredients) -> Non
         if found != ingredients.key():
             raise GenerationCacheError(
                 f"{folder}: holds generations {found}, not {ingredients.key()}; a location is "
-                "tied to its key"
+                "tied to its key; move that folder away or change generate.root"
             )
         return
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.errors import ModelError
 from akd_cache.teacher.rows import TeacherRows
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
@@ -54,7 +55,7 @@ class HFTeacher:
                 model, revision=revision, dtype=DTYPES[dtype]
             )
         if getattr(model.config, "final_logit_softcapping", None):
-            raise ValueError(
+            raise ModelError(
                 f"{model.config.name_or_path}: final logit soft-capping is not supported by the "
                 "hf teacher backend"
             )

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from akd_cache.data.tokenize import TokenizedSample
+from akd_cache.errors import ModelError
 from akd_cache.teacher.rows import TeacherRows, tail_from_topk
 
 # `config.logit_scale` read from a config object in a vLLM model file, e.g.
@@ -246,7 +247,7 @@ def _check_cpu_head_size(text_config: Any, model: str) -> None:
     )
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_dim is not None and head_dim not in supported:
-        raise ValueError(
+        raise ModelError(
             f"{model}: head size {head_dim} is not supported by vLLM's CPU attention "
             f"(supported: {', '.join(map(str, supported))}); use the hf teacher backend"
         )
@@ -265,7 +266,7 @@ def _check_logit_scale_support(hf_config: Any, model_impl: str) -> str:
     modules = {c.__module__ for c in cls.__mro__ if c.__module__.startswith("vllm.")}
     if not any(_READS_LOGIT_SCALE.search(inspect.getsource(sys.modules[m])) for m in modules):
         name = "/".join(archs) or hf_config.model_type
-        raise ValueError(
+        raise ModelError(
             f"temperature != 1 is applied through config.logit_scale (hf_overrides), which "
             f"the vLLM implementation of {name} ({cls.__module__}.{cls.__name__}) ignores; "
             "use temperature=1 and soften at distillation time, or the hf teacher backend"

@@ -1,11 +1,14 @@
-"""Stage 2 loss: forward and reverse KL between a cached teacher top-k and the student softmax.
+"""The whole Stage 2 objective: divergences, tail modes, the fused chunked lm head, the
+per-sample normalisation, the AKD mix and the cross-entropy mix. `distillation_loss` is what the
+trainer calls; beta's own optimiser and resets are `akd.py`.
 
 The cache holds, per response position, the teacher's top-k log-probabilities (normalised over
 the full vocabulary, already at the training temperature) and the log of the mass outside them.
 The student has full logits, so everything the teacher lacks must be assumed; `TailMode` names
-the three assumptions on offer. This module is the only place where the loss is computed:
-`topk_divergences` works on materialised logits, `fused_divergence_loss` chunks positions
-through the lm head so that the [N, V] float32 logits never exist at once.
+the three assumptions on offer. `topk_divergences` works on materialised logits,
+`fused_divergence_loss` chunks positions through the lm head so that the [N, V] float32 logits
+never exist at once. An online run has the live teacher instead (`LiveTeacher`): its lm head
+runs on the same chunks, and FKL and RKL are exact over the full vocabulary.
 
 Conventions: `fkl` is KL(p || q) and `rkl` is KL(q || p), p the teacher, q = softmax(logits / T).
 Both are true divergences (never cross-entropies) and are not multiplied by T^2 unless
@@ -15,13 +18,16 @@ Both are true divergences (never cross-entropies) and are not multiplied by T^2 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, get_args
+from dataclasses import dataclass
+from typing import Any, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-TailMode = Literal["bucket", "renormalize", "uniform"]
-"""How the teacher's mass outside its top-k is modelled.
+from akd_cache.config import DistillationExperiment, Experiment, TailMode, TrainConfig
+
+TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
+"""How the teacher's mass outside its top-k is modelled (`TailMode`).
 
 - ``bucket``: both distributions collapse to k + 1 categories (the top-k ids plus one "rest"
   category); exact KL of those, a lower bound of the full-vocabulary KL (data processing).
@@ -32,8 +38,6 @@ TailMode = Literal["bucket", "renormalize", "uniform"]
 - ``uniform``: the teacher tail is spread evenly over the V - k other ids; full-vocabulary KL,
   computed from sums of the student log-softmax so that no [N, V] teacher tensor exists.
 """
-
-TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
 
 EMPTY_TAIL_LOGMASS = math.log(torch.finfo(torch.float64).eps)
 """Floor for the teacher's tail log-mass when k < V.
@@ -81,7 +85,10 @@ class _StudentStats(NamedTuple):
     sum_q_log_q_out: Tensor | None  # [n] sum of q log q over the tail ids (uniform mode only)
 
 
-def _student_stats(log_q: Tensor, topk_ids: Tensor, mode: TailMode) -> _StudentStats:
+def _student_stats(log_q: Tensor, topk_ids: Tensor | None, mode: TailMode) -> _StudentStats:
+    """`topk_ids` None: the teacher covers the whole vocabulary in id order (a live teacher)."""
+    if topk_ids is None:
+        return _StudentStats(log_q, torch.full_like(log_q[:, 0], -math.inf), None, None)
     log_q_top = log_q.gather(-1, topk_ids)
     if log_q.shape[-1] == topk_ids.shape[-1]:
         empty = torch.full_like(log_q_top[:, 0], -math.inf)
@@ -99,7 +106,7 @@ def _student_stats(log_q: Tensor, topk_ids: Tensor, mode: TailMode) -> _StudentS
 def _divergences_from_stats(
     stats: _StudentStats,
     topk_logprobs: Tensor,
-    tail_logmass: Tensor,
+    tail_logmass: Tensor | None,
     tail_size: int,
     mode: TailMode,
 ) -> tuple[Tensor, Tensor]:
@@ -199,6 +206,43 @@ def temper_teacher(
     return top - norm[..., None], tail - norm
 
 
+class _TeacherChunk(NamedTuple):
+    """The teacher on one chunk of positions: its top-k (ids [c, k], log-probs [c, k], tail
+    [c]), or with ids and tail None its log-probs [c, V] over the whole vocabulary in id order."""
+
+    ids: Tensor | None
+    logprobs: Tensor
+    tail_logmass: Tensor | None
+
+
+class _CachedRows(NamedTuple):
+    """Cached teacher rows of every loss position: ids, log-probs [N, k], tail [N]."""
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_logmass: Tensor
+
+    def chunk(self, rows: Tensor, temperature: float, dtype: torch.dtype) -> _TeacherChunk:
+        return _TeacherChunk(self.ids[rows], self.logprobs[rows], self.tail_logmass[rows])
+
+
+class _LiveRows(NamedTuple):
+    """The live teacher's hidden states at every loss position [N, H_t] and its lm head."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+    def chunk(self, rows: Tensor, temperature: float, dtype: torch.dtype) -> _TeacherChunk:
+        """log softmax(logits / T) of the chunk's positions, in the loss's compute dtype."""
+        h, weight = self.hidden[rows], self.weight
+        logits = h @ weight.T if self.bias is None else torch.addmm(self.bias, h, weight.T)
+        logits = logits.to(dtype)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return _TeacherChunk(None, logits.log_softmax(-1), None)
+
+
 class _ChunkResult(NamedTuple):
     loss: Tensor  # scalar
     fkl: Tensor  # [c], detached and scaled
@@ -210,7 +254,7 @@ class _ChunkResult(NamedTuple):
 
 def _chunk_loss_and_grad(
     logits: Tensor,
-    teacher: tuple[Tensor, Tensor, Tensor],
+    teacher: _TeacherChunk,
     coefs: tuple[Tensor, Tensor, Tensor | None],
     target_ids: Tensor | None,
     temperature: float,
@@ -228,7 +272,7 @@ def _chunk_loss_and_grad(
     """
     topk_ids, topk_logprobs, tail_logmass = teacher
     fkl_coef, rkl_coef, ce_coef = coefs
-    tail_size = logits.shape[-1] - topk_ids.shape[-1]
+    tail_size = 0 if topk_ids is None else logits.shape[-1] - topk_ids.shape[-1]
     # CE is a hard-label term taken at T = 1 (Hinton); at T = 1 it shares the softmax.
     separate_ce = ce_coef is not None and temperature != 1.0
     nll = None
@@ -272,7 +316,10 @@ def _chunk_loss_and_grad(
         grad.mul_(ratio).add_(d_sum_log[:, None])
     elif tail_size:
         grad.sub_(stats.tail[:, None]).exp_().mul_(row[:, None])
-    grad.scatter_(-1, topk_ids, top_grad)
+    if topk_ids is None:
+        grad.copy_(top_grad)
+    else:
+        grad.scatter_(-1, topk_ids, top_grad)
     if temperature != 1.0:
         grad.div_(temperature)
     if separate_ce:
@@ -303,7 +350,7 @@ class _FusedDivergence(torch.autograd.Function):
         fkl_coef: Tensor,
         rkl_coef: Tensor,
         ce_coef: Tensor | None,
-        teacher: tuple[Tensor, Tensor, Tensor],
+        teacher: _CachedRows | _LiveRows,
         target_ids: Tensor | None,
         temperature: float,
         mode: TailMode,
@@ -342,7 +389,7 @@ class _FusedDivergence(torch.autograd.Function):
             logits = logits.to(compute_dtype)
             chunk = _chunk_loss_and_grad(
                 logits,
-                tuple(t[rows] for t in teacher),
+                teacher.chunk(rows, temperature, compute_dtype),
                 tuple(None if c is None else c[rows] for c in coefs),
                 None if target_ids is None else target_ids[rows],
                 temperature,
@@ -421,12 +468,65 @@ def fused_divergence_loss(
     the detached per-position divergences.
     """
     _check_mode(mode)
+    k = topk_ids.shape[-1]
+    teacher = _CachedRows(
+        topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1)
+    )
+    return _fused(hidden, lm_head_weight, lm_head_bias, teacher, fkl_coef, rkl_coef, ce_coef,
+                  target_ids, temperature, mode, chunk_size, t2_scale)
+
+
+def fused_live_divergence_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    *,
+    fkl_coef: Tensor,
+    rkl_coef: Tensor,
+    ce_coef: Tensor | None = None,
+    target_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    t2_scale: bool = False,
+) -> tuple[Tensor, Divergences]:
+    """`fused_divergence_loss` against the live teacher: its hidden states at the same positions
+    [N, H_t] (no grad) and its lm head [V, H_t]. Each chunk's teacher log-probs are
+    log softmax(teacher logits / T), so FKL and RKL are exact over the full vocabulary and no
+    [N, V] tensor of either model exists.
+    """
+    if teacher_weight.shape[0] != lm_head_weight.shape[0]:
+        raise ValueError(f"the teacher's vocabulary ({teacher_weight.shape[0]}) differs from "
+                         f"the student's ({lm_head_weight.shape[0]})")
+    teacher = _LiveRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
+                        teacher_bias)
+    # nothing lies outside a full-vocabulary teacher, so every tail mode is the exact KL
+    return _fused(hidden, lm_head_weight, lm_head_bias, teacher, fkl_coef, rkl_coef, ce_coef,
+                  target_ids, temperature, "bucket", chunk_size, t2_scale)
+
+
+def _fused(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    teacher: _CachedRows | _LiveRows,
+    fkl_coef: Tensor,
+    rkl_coef: Tensor,
+    ce_coef: Tensor | None,
+    target_ids: Tensor | None,
+    temperature: float,
+    mode: TailMode,
+    chunk_size: int,
+    t2_scale: bool,
+) -> tuple[Tensor, Divergences]:
     if ce_coef is not None and target_ids is None:
         raise ValueError("ce_coef needs target_ids")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     kl_scale = temperature**2 if t2_scale else 1.0
-    lead, k = hidden.shape[:-1], topk_ids.shape[-1]
+    lead = hidden.shape[:-1]
     loss, fkl, rkl, student_tail = _FusedDivergence.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         lm_head_weight,
@@ -434,7 +534,7 @@ def fused_divergence_loss(
         fkl_coef.reshape(-1),
         rkl_coef.reshape(-1),
         None if ce_coef is None else ce_coef.reshape(-1),
-        (topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1)),
+        teacher,
         None if target_ids is None else target_ids.reshape(-1),
         temperature,
         mode,
@@ -442,3 +542,106 @@ def fused_divergence_loss(
         kl_scale,
     )
     return loss, Divergences(fkl.reshape(lead), rkl.reshape(lead), student_tail.reshape(lead))
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the objective needs from an experiment and the profile's train settings."""
+
+    distill: bool  # False: cross-entropy alone (sft, seqkd), the teacher rows are never read
+    ce_weight: float
+    tail_mode: TailMode
+    temperature: float = 1.0
+    t2_scale: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @classmethod
+    def of(cls, experiment: Experiment, train: TrainConfig) -> LossSettings:
+        common = {"temperature": train.temperature, "t2_scale": train.t2_scale,
+                  "chunk_size": train.chunk_size}
+        if isinstance(experiment, DistillationExperiment):
+            return cls(True, experiment.ce_weight, experiment.tail_mode or train.tail_mode,
+                       **common)
+        return cls(False, 1.0, train.tail_mode, **common)
+
+
+class CachedTeacher(NamedTuple):
+    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S]."""
+
+    topk_ids: Tensor
+    topk_logprobs: Tensor
+    tail_logmass: Tensor
+
+
+class LiveTeacher(NamedTuple):
+    """The teacher model for a batch: its decoder's output [B, S, H_t], computed without grad,
+    and its lm head, which `distillation_loss` applies a chunk of loss positions at a time."""
+
+    hidden: Tensor
+    lm_head: torch.nn.Linear
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    fkl: Tensor  # batch mean of per-sample normalised FKL, detached
+    rkl: Tensor
+    teacher_tail: Tensor  # mean tail mass over loss positions, detached
+    student_tail: Tensor
+    tokens: Tensor  # loss positions in the batch
+
+
+def distillation_loss(
+    hidden: Tensor,
+    lm_head: torch.nn.Linear,
+    teacher: CachedTeacher | LiveTeacher,
+    loss_mask: Tensor,
+    labels: Tensor,
+    beta: Tensor,
+    settings: LossSettings,
+) -> LossOutput:
+    """mean_b over samples of [beta * RKL_b + (1 - beta) * FKL_b + ce_weight * CE_b], each term
+    averaged over the sample's loss positions (so long samples do not outweigh short ones).
+
+    hidden [B, S, H] is the student decoder's output; loss_mask [B, S] marks the positions whose
+    next token is learnt, labels [B, S] those tokens. Only the masked positions reach the lm head
+    (and the live teacher's). The cached teacher's tail mode is `settings.tail_mode`; the live
+    teacher has no tail.
+    """
+    rows = hidden[loss_mask]
+    sample_of = torch.nonzero(loss_mask)[:, 0]
+    # the loss's compute dtype: float32, or float64 for float64 inputs
+    lengths = loss_mask.sum(1).clamp(min=1).to(torch.promote_types(hidden.dtype, torch.float32))
+    # per-sample length normalisation, then the batch mean (docs/method.md)
+    weight = 1.0 / (lengths[sample_of] * loss_mask.shape[0])
+    beta = beta.to(weight)
+    distill = float(settings.distill)
+    terms = {
+        "fkl_coef": distill * (1 - beta) * weight, "rkl_coef": distill * beta * weight,
+        "ce_coef": settings.ce_weight * weight if settings.ce_weight else None,
+        "target_ids": labels[loss_mask] if settings.ce_weight else None,
+        "temperature": settings.temperature, "chunk_size": settings.chunk_size,
+        "t2_scale": settings.t2_scale,
+    }
+    if isinstance(teacher, LiveTeacher):
+        head = teacher.lm_head
+        loss, div = fused_live_divergence_loss(
+            rows, lm_head.weight, lm_head.bias, teacher.hidden[loss_mask], head.weight,
+            head.bias, **terms,
+        )
+        teacher_tail = torch.zeros((), device=rows.device)
+    else:
+        tail_logmass = teacher.tail_logmass[loss_mask]
+        loss, div = fused_divergence_loss(
+            rows, lm_head.weight, lm_head.bias, teacher.topk_ids[loss_mask],
+            teacher.topk_logprobs[loss_mask], tail_logmass, mode=settings.tail_mode, **terms,
+        )
+        teacher_tail = tail_logmass.exp().mean()
+    return LossOutput(
+        loss=loss,
+        fkl=(div.fkl * weight).sum(),
+        rkl=(div.rkl * weight).sum(),
+        teacher_tail=teacher_tail,
+        student_tail=div.student_tail_logmass.float().exp().mean(),
+        tokens=loss_mask.sum(),
+    )
