@@ -28,6 +28,7 @@ from akd_cache.errors import ConfigError
 from akd_cache.run_settings import discard_if_changed
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import peak_memory_mb
+from akd_cache.teacher.generate import prompts_sha256
 
 RUN_SETTINGS_FILE = "run_settings.json"
 
@@ -78,9 +79,9 @@ def train_minillm(
                           f"({teacher.model}); MiniLLM needs the teacher's vocabulary")
     student = load_student(student_path, experiment, train.bf16)
     checkpoints = out / "checkpoints"
-    settings = {"teacher": teacher.model_dump(), "student": student_path, "template": template,
-                "prompts": len(examples), "experiment": experiment.model_dump(),
-                "train": train.model_dump()}
+    settings = {"teacher": teacher.model_dump(), "student": student_path,
+                "prompts_sha256": prompts_sha256(examples, template),
+                "experiment": experiment.model_dump(), "train": train.model_dump()}
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = MiniLLMTrainer(
         model=student,
