@@ -193,9 +193,25 @@ class FixedBeta(DistillationExperiment):
         return BetaSchedule("fixed", self.beta)
 
 
-Experiment = Annotated[SFT | SeqKD | KD | RKD | AKD | FixedBeta, Field(discriminator="method")]
+class MiniLLM(ExperimentBase):
+    """A MiniLLM run (Gu et al.): reverse KL by policy gradient on the student's own samples,
+    against the teacher loaded online, through TRL's `MiniLLMTrainer`. lr, batch size, epochs,
+    seed and the KD temperature come from the profile's `train`."""
+
+    method: Literal["minillm"] = "minillm"
+    max_new_tokens: int = Field(128, gt=0, description="length cap of each student sample")
+    num_generations: int = Field(1, gt=0, description="samples per prompt; divides batch_size")
+    gamma: float = Field(0.0, ge=0, le=1, description="discount of the long-term RKL reward")
+    single_step_decomposition: bool = Field(
+        True, description="add the exact per-step RKL of each sampled prefix to the loss"
+    )
+
+
+Experiment = Annotated[
+    SFT | SeqKD | KD | RKD | AKD | FixedBeta | MiniLLM, Field(discriminator="method")
+]
 """One Stage 2 run (a `dvc.yaml` foreach item), typed by its `method`: a setting that method does
-not have is an error. A new method (MiniLLM, say) is one more model in this union."""
+not have is an error. A new method is one more model in this union."""
 
 
 class EvalConfig(Strict):

@@ -1,6 +1,7 @@
 """Stage `train` (Stage 2): one experiment, the student against the teacher cache alone, or for
 an `online: true` experiment against the live teacher (the profile's teacher model, resolved as
-Stage 1 resolves it), with the cache's tokens and order.
+Stage 1 resolves it), with the cache's tokens and order; MiniLLM (through TRL) against the live
+teacher on the student's own samples of the prepared training prompts.
 
     akd train --experiment akd
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from akd_cache.config import DistillationExperiment, ModelRef, load_params
+from akd_cache.config import DistillationExperiment, MiniLLM, ModelRef, load_params
+from akd_cache.data.instructions import read_examples
 from akd_cache.errors import ConfigError
 from akd_cache.models.resolve import resolve_model
 from akd_cache.student.run import train_experiment
 from stages.common import (
+    PREPARED_DIR,
     TEACHER_CACHE_POINTER,
     TEACHER_GENERATIONS_POINTER,
     require_input,
@@ -34,25 +37,35 @@ def main(argv: list[str] | None = None) -> None:
     profile = params.active
     experiment = params.experiments[args.experiment]
     teacher = None
-    if isinstance(experiment, DistillationExperiment) and experiment.online:
+    if isinstance(experiment, MiniLLM) or (
+        isinstance(experiment, DistillationExperiment) and experiment.online
+    ):
         teacher = ModelRef(
             model=resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision),
             revision=profile.teacher.revision,
         )
     student = resolve_model(profile.student.model, "student.model")
-    require_input(TEACHER_CACHE_POINTER, "cache-teacher")
     out = Path(profile.train.output_root) / args.experiment
-    generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
-                   if TEACHER_GENERATIONS_POINTER.exists() else None)
-    metrics = train_experiment(
-        json.loads(TEACHER_CACHE_POINTER.read_text())["location"], student,
-        experiment, profile.train, out, args.experiment,
-        generations=generations, cache_cfg=profile.cache, teacher=teacher,
-    )
+    if isinstance(experiment, MiniLLM):
+        from akd_cache.student.minillm import train_minillm  # TRL loads for MiniLLM runs only
+
+        metrics = train_minillm(
+            student, teacher, read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare")),
+            profile.cache.template, experiment, profile.train, out, args.experiment,
+        )
+    else:
+        require_input(TEACHER_CACHE_POINTER, "cache-teacher")
+        generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
+                       if TEACHER_GENERATIONS_POINTER.exists() else None)
+        metrics = train_experiment(
+            json.loads(TEACHER_CACHE_POINTER.read_text())["location"], student,
+            experiment, profile.train, out, args.experiment,
+            generations=generations, cache_cfg=profile.cache, teacher=teacher,
+        )
     write_json(out / "metrics.json", metrics)
+    beta = "" if metrics["final_beta"] is None else f", beta {metrics['final_beta']:.3f}"
     print(f"train {args.experiment} ({metrics['teacher']} teacher): {metrics['steps']} steps, "
-          f"loss {metrics['train_loss']:.4f}, beta {metrics['final_beta']:.3f}, "
-          f"{metrics['wall_s']:.0f} s")
+          f"loss {metrics['train_loss']:.4f}{beta}, {metrics['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def test_repository_experiments_are_typed_by_method():
     ({"method": "kd", "beta_reset": "uniform"}, "beta_reset"),
     ({"method": "sft", "online": True}, "online"),
     ({"method": "seqkd", "online": True}, "online"),
+    ({"method": "minillm", "online": True}, "online"),
+    ({"method": "minillm", "beta": 0.5}, "beta"),
 ])
 def test_a_setting_the_method_does_not_have_is_an_error_naming_it(tmp_path, experiment, key):
     method = experiment["method"]
@@ -85,9 +87,9 @@ def test_a_setting_the_method_does_not_have_is_an_error_naming_it(tmp_path, expe
 
 
 def test_an_unknown_method_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"experiments\.x: Input tag 'minillm' found using "
+    with pytest.raises(ConfigError, match=r"experiments\.x: Input tag 'ppo' found using "
                                           r"'method' does not match any of the expected tags"):
-        load_params(write(tmp_path, with_experiments(x={"method": "minillm"})))
+        load_params(write(tmp_path, with_experiments(x={"method": "ppo"})))
 
 
 def test_settings_that_apply_are_accepted(tmp_path):

@@ -308,3 +308,14 @@ def test_rows_come_from_the_method_not_the_name():
     assert main_rows(params, evals) == [Row("Teacher", "teacher"),
                                              Row("SFT", "seqkd"),
                                              Row("SeqKD", "generated")]
+
+
+def test_minillm_row_comes_from_the_method():
+    """Table 5's MiniLLM row is the experiment with `method: minillm`, whatever its name."""
+    doc = params_doc()
+    doc["experiments"] = {"minillm": {"method": "kd"}, "online_rkl": {"method": "minillm"}}
+    params = Params.model_validate(doc)
+    evals = {name: eval_metrics("kd") for name in ("teacher", "minillm", "online_rkl")}
+    assert main_rows(params, evals) == [Row("Teacher", "teacher"),
+                                        Row("KD", "minillm"),
+                                        Row("MiniLLM", "online_rkl")]

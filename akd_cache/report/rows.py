@@ -50,7 +50,7 @@ def _rows(specs: Sequence[tuple[str, str | None]]) -> list[Row]:
 
 
 def main_rows(params: Params, evals: dict[str, dict]) -> list[Row]:
-    """Table 5: teacher, untrained student, SFT, SFT+LoRA, KD, RKD, SeqKD, AKD."""
+    """Table 5: teacher, untrained student, SFT, SFT+LoRA, KD, RKD, SeqKD, MiniLLM, AKD."""
     exps, have = params.experiments, evals.keys()
     return _rows([
         ("Teacher", TEACHER if TEACHER in have else None),
@@ -60,6 +60,7 @@ def main_rows(params: Params, evals: dict[str, dict]) -> list[Row]:
         ("KD", find_experiment(exps, have, "kd", preferred="kd")),
         ("RKD", find_experiment(exps, have, "rkd", preferred="rkd")),
         ("SeqKD", find_experiment(exps, have, "seqkd", preferred="seqkd")),
+        ("MiniLLM", find_experiment(exps, have, "minillm", preferred="minillm")),
         ("AKD", find_experiment(exps, have, "akd", variant="m3", preferred="akd")),
     ])
 

@@ -58,8 +58,13 @@ def load_teacher(teacher: ModelRef, bf16: bool = False) -> PreTrainedModel:
     return model.eval().requires_grad_(False)
 
 
-def training_arguments(train: TrainConfig, output_dir: Path) -> TrainingArguments:
-    return TrainingArguments(
+def training_arguments(
+    train: TrainConfig, output_dir: Path,
+    args_class: type[TrainingArguments] = TrainingArguments, **method_args: object,
+) -> TrainingArguments:
+    """The profile's `train` settings as `args_class` (a TRL config for TRL's trainers), plus
+    the method's own arguments."""
+    return args_class(
         output_dir=str(output_dir),
         learning_rate=train.lr,
         per_device_train_batch_size=train.batch_size,
@@ -80,4 +85,5 @@ def training_arguments(train: TrainConfig, output_dir: Path) -> TrainingArgument
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         disable_tqdm=False,
+        **method_args,
     )
