@@ -22,6 +22,7 @@ STAGES = {
     "train": "stages.train",
     "template-analysis": "stages.template_analysis",
     "evaluate": "stages.evaluate",
+    "fidelity": "stages.fidelity",
     "report": "stages.report",
 }
 EXIT_USAGE = 2  # what argparse exits with on a bad command line; expected errors share it

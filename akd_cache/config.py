@@ -252,6 +252,18 @@ class TemplateAnalysisConfig(Strict):
     root: str = "storage/template-caches"
 
 
+class FidelityConfig(Strict):
+    """Held-out fidelity (`akd fidelity`): every model against the live teacher and the
+    held-out cache, on the response positions of the held-out split."""
+
+    batch_size: int = Field(8, gt=0, description="held-out samples per forward")
+    chunk_positions: int = Field(512, gt=0, description="positions per [chunk, V] logits block")
+    bootstrap_seed: int = 0
+    cache_root: str = Field(
+        "storage/heldout-cache", description="where `akd cache-teacher --split heldout` writes"
+    )
+
+
 class Profile(Strict):
     data: DataConfig
     teacher: TeacherConfig
@@ -261,12 +273,28 @@ class Profile(Strict):
     eval: EvalConfig = EvalConfig()
     template_analysis: TemplateAnalysisConfig = TemplateAnalysisConfig()
     generate: GenerateConfig = GenerateConfig()
+    fidelity: FidelityConfig = FidelityConfig()
+
+
+class EvalplusRuns(Strict):
+    """Which models `dvc repro` scores with evalplus (the slow part on a CPU)."""
+
+    references: list[Literal["teacher", "student"]] = ["teacher", "student"]
+    experiments: list[str] = Field(default_factory=list, description="trained experiments")
 
 
 class Params(Strict):
     profile: str
     profiles: dict[str, Profile]
     experiments: dict[str, Experiment] = Field(default_factory=dict)
+    evalplus: EvalplusRuns = EvalplusRuns()
+
+    @model_validator(mode="after")
+    def _evalplus_names_experiments(self) -> Params:
+        unknown = sorted(set(self.evalplus.experiments) - set(self.experiments))
+        if unknown:
+            raise ValueError(f"evalplus.experiments names no experiment: {', '.join(unknown)}")
+        return self
 
     @field_validator("profiles")
     @classmethod

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         require_input(TEACHER_CACHE_POINTER, "cache-teacher")
-        generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
+        generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text()).get("location")
                        if TEACHER_GENERATIONS_POINTER.exists() else None)
         metrics = train_experiment(
             json.loads(TEACHER_CACHE_POINTER.read_text())["location"], student,

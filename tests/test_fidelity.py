@@ -9,11 +9,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import Example
+from akd_cache.data.tokenize import tokenize_split
 from akd_cache.evaluation.fidelity import bootstrap_interval, per_sample_fidelity
 from akd_cache.store.reader import TeacherCache
 from akd_cache.store.writer import fill
-from akd_cache.student.divergence import topk_divergences
-from akd_cache.teacher.build import make_ingredients, tokenize_split
+from akd_cache.student.loss import topk_divergences
+from akd_cache.teacher.build import make_ingredients
 from akd_cache.teacher.hf_backend import HFTeacher
 
 K = 16

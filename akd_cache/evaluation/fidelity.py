@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from akd_cache.store.reader import TeacherCache, collate
-from akd_cache.student.divergence import topk_divergences
+from akd_cache.student.loss import topk_divergences
 
 CACHE_VIEW_MODES = ("bucket", "uniform")
 EXACT_METRICS = ("fkl", "rkl", "top1_agreement")

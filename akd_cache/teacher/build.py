@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -22,6 +23,8 @@ from akd_cache.store.rows import TeacherBackend, TokenizedSample
 from akd_cache.store.writer import fill
 from akd_cache.teacher.identity import teacher_identity
 
+Split = Literal["train", "heldout"]
+
 
 def make_ingredients(
     *,
@@ -32,12 +35,13 @@ def make_ingredients(
     dataset_sha256: str,
     samples: Sequence[TokenizedSample],
     cache: CacheConfig,
+    split: Split = "train",
 ) -> CacheIngredients:
     return CacheIngredients(
         **teacher_identity(teacher, teacher_path, tokenizer),
         dataset_sha256=dataset_sha256,
         samples_sha256=samples_sha256(list(samples)),
-        split="train",
+        split=split,
         heldout=data.heldout,
         split_seed=data.seed,
         max_train_samples=data.max_train_samples,
@@ -100,23 +104,25 @@ def build_cache(
     worker_index: int = 0,
     num_workers: int = 1,
     break_lock: bool = False,
+    split: Split = "train",
 ) -> BuiltCache:
     """Tokenise `examples` with the teacher's tokenizer, name the cache by its ingredients and
-    fill this worker's shards (the teacher loads only if a shard is missing)."""
+    fill this worker's shards (the teacher loads only if a shard is missing). `split` names which
+    part of the prepared data `examples` are: the held-out cache feeds `akd fidelity`."""
     teacher_path = resolve_model(teacher.model, "teacher.model", teacher.revision)
     vocab_size = model_vocab_size(teacher_path, teacher.revision)
     check_top_k(cache.k, vocab_size, teacher_path)
     tokenizer = load_tokenizer(teacher_path, teacher.revision)
-    split = tokenize_split(tokenizer, examples, cache)
+    tokenized = tokenize_split(tokenizer, examples, cache)
     ingredients = make_ingredients(
         teacher=teacher, teacher_path=teacher_path, tokenizer=tokenizer, data=data,
-        dataset_sha256=dataset_sha256, samples=split.samples, cache=cache,
+        dataset_sha256=dataset_sha256, samples=tokenized.samples, cache=cache, split=split,
     )
     key = ingredients.key()
     location = cache_location(cache.root, key)
     complete = fill(
-        location, split.samples, ingredients, max(vocab_size, len(tokenizer)),
+        location, tokenized.samples, ingredients, max(vocab_size, len(tokenizer)),
         backend_factory(teacher, teacher_path, cache), shard_rows=cache.shard_tokens,
         worker_index=worker_index, num_workers=num_workers, break_lock=break_lock,
     )
-    return BuiltCache(key, location, complete, len(split.samples), split.dropped)
+    return BuiltCache(key, location, complete, len(tokenized.samples), tokenized.dropped)
