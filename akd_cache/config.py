@@ -89,7 +89,15 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1: run whole epochs")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(
+        1.0, gt=0, description="must equal the cache's cache.temperature, unless temper_cache"
+    )
+    temper_cache: bool = Field(
+        False, description="train at `temperature` on a T = 1 cache: each row is tempered by "
+        "`temper_teacher`, exact within the top-k, the tail mass assumed spread evenly over the "
+        "other V - k ids (by Jensen, too much tempered tail mass for T > 1, too little for "
+        "T < 1); build the cache at T for exact values",
+    )
     t2_scale: bool = False
     tail_mode: TailMode = "bucket"
     chunk_size: int = Field(1024, gt=0, description="loss positions per lm-head chunk")
@@ -98,6 +106,13 @@ class TrainConfig(Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     output_root: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _temper_needs_a_temperature(self) -> TrainConfig:
+        if self.temper_cache and self.temperature == 1.0:
+            raise ValueError("temper_cache tempers a T = 1 cache to train.temperature; with "
+                             "temperature 1 it does not apply: remove it")
+        return self
 
 
 class LoraSettings(Strict):

@@ -24,6 +24,7 @@ from akd_cache.errors import ConfigError
 from akd_cache.evaluation.fidelity import per_sample_fidelity, summarise
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.reader import TeacherCache
+from akd_cache.teacher.build import check_cache_settings
 from stages.common import (
     FIDELITY_DIR,
     HELDOUT_CACHE_POINTER,
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     pointer = json.loads(require_input(HELDOUT_CACHE_POINTER,
                                        "cache-teacher --split heldout").read_text())
     cache = TeacherCache(pointer["location"])
+    check_cache_settings(pointer["location"], cache.ingredients, profile.teacher, profile.data,
+                         profile.cache)
     teacher = None
     if not args.no_teacher:
         teacher_path = resolve_model(profile.teacher.model, "teacher.model",

@@ -20,8 +20,9 @@ from akd_cache.config import (
 )
 from akd_cache.errors import CacheError, ConfigError
 from akd_cache.run_settings import discard_if_changed
-from akd_cache.store.reader import CacheDataset, TeacherCache, collate
+from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.akd import BetaController
+from akd_cache.student.cache_data import cache_dataset
 from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
@@ -37,10 +38,12 @@ DEFAULT_CACHE = CacheConfig()
 
 def training_data(
     experiment: Experiment, cache_location: str, tokenizer: PreTrainedTokenizerBase,
-    generations: str | None, cache_cfg: CacheConfig,
+    generations: str | None, cache_cfg: CacheConfig, train: TrainConfig,
+    cache_key: str | None = None,
 ) -> tuple[torch.utils.data.Dataset, str]:
-    """The dataset and the key of what it was made from: the logit cache, or for SeqKD the
-    teacher's generated responses (text, so any student tokenizer will do)."""
+    """The dataset and the key of what it was made from: the logit cache (refused unless its
+    key is `cache_key`, when given), or for SeqKD the teacher's generated responses (text, so
+    any student tokenizer will do)."""
     if isinstance(experiment, SeqKD):
         if generations is None:
             raise CacheError(
@@ -49,14 +52,14 @@ def training_data(
         dataset = SeqKDDataset.from_generations(generations, tokenizer, cache_cfg)
         return dataset, Path(generations).name
     cache = TeacherCache(cache_location)
-    cache.check_student(tokenizer)
-    return CacheDataset(cache), cache.key
+    cache.check_student(tokenizer, cache_key)
+    return cache_dataset(cache, experiment, train), cache.key
 
 
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
     out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = DEFAULT_CACHE,
-    teacher: ModelRef | None = None,
+    teacher: ModelRef | None = None, cache_key: str | None = None,
 ) -> dict:
     """Train (resuming from the last checkpoint in `out` if any), save the student, return the
     run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included.
@@ -68,7 +71,7 @@ def train_experiment(
         raise ConfigError(f"experiment {name!r} is online: it needs the teacher model")
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     dataset, data_key = training_data(experiment, cache_location, tokenizer, generations,
-                                      cache_cfg)
+                                      cache_cfg, train, cache_key)
     student = load_student(student_path, experiment, train.bf16)
     live_teacher = load_teacher(teacher, train.bf16) if online else None
     schedule = experiment.beta_schedule

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import DroppedRow, Example
 from akd_cache.data.tokenize import tokenize_split
+from akd_cache.errors import CacheError
 from akd_cache.models.resolve import resolve_model
 from akd_cache.models.vocab import check_top_k, model_vocab_size
 from akd_cache.store.key import CacheIngredients, samples_sha256
@@ -51,6 +52,32 @@ def make_ingredients(
         k=cache.k,
         temperature=cache.temperature,
     )
+
+
+# ingredient -> the setting it comes from, for those that need no model or data to compare
+SETTING_OF_INGREDIENT = {
+    "teacher": "teacher.model", "teacher_revision": "teacher.revision",
+    "teacher_dtype": "teacher.dtype", "heldout": "data.heldout", "split_seed": "data.seed",
+    "max_train_samples": "data.max_train_samples", "template": "cache.template",
+    "max_length": "cache.max_length", "truncation": "cache.truncation", "k": "cache.k",
+    "temperature": "cache.temperature",
+}
+
+
+def check_cache_settings(
+    location: str, ingredients: dict, teacher: TeacherConfig, data: DataConfig,
+    cache: CacheConfig,
+) -> None:
+    """Refuse a cache whose cheap ingredients differ from what the current params would produce
+    (the weights, tokenizer and data checksums need the models and data: `build_cache`)."""
+    sections = {"teacher": teacher, "data": data, "cache": cache}
+    for ingredient, setting in SETTING_OF_INGREDIENT.items():
+        section, name = setting.split(".")
+        ours, theirs = getattr(sections[section], name), ingredients[ingredient]
+        if ours != theirs:
+            raise CacheError(f"{location}: the cache was built with {setting}={theirs!r}, the "
+                             f"params say {ours!r}; run `akd cache-teacher` for the current "
+                             "params")
 
 
 def backend_factory(
