@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from transformers.trainer_utils import get_last_checkpoint
 
 from akd_cache.config import (
     CacheConfig,
@@ -23,12 +21,18 @@ from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.akd import BetaController
 from akd_cache.student.cache_data import cache_dataset
+from akd_cache.student.checkpoints import (
+    completed_step,
+    discard_checkpoints,
+    last_complete_checkpoint,
+)
 from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
     DistillationModule,
     DistillTrainer,
     load_beta_state,
+    mean_step_loss,
     peak_memory_mb,
 )
 
@@ -61,8 +65,9 @@ def train_experiment(
     out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = DEFAULT_CACHE,
     teacher: ModelRef | None = None, cache_key: str | None = None,
 ) -> dict:
-    """Train (resuming from the last checkpoint in `out` if any), save the student, return the
-    run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included.
+    """Train (resuming from the last complete checkpoint in `out` if any), save the student,
+    return the run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s)
+    included. train_loss is over every step of the run; wall time and tokens/s over this call.
 
     `teacher` (a resolved path) is loaded only for an online experiment, which still reads the
     cache for its tokens, masks and order."""
@@ -91,22 +96,23 @@ def train_experiment(
         controller=controller,
         log_path=out / "log.jsonl",
     )
-    checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    checkpoint = last_complete_checkpoint(checkpoints)
     if checkpoint:
-        load_beta_state(controller, Path(checkpoint))
+        load_beta_state(controller, checkpoint)
+    trainer.forget_log_after(completed_step(checkpoint) if checkpoint else 0)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
     student.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
+    discard_checkpoints(checkpoints)  # the saved model supersedes them
     history = [e for e in trainer.state.log_history if "fkl" in e]
     return {
         "experiment": name,
         "method": experiment.method,
         "cache_key": data_key,
         "teacher": "online" if online else "cache",
-        "train_loss": result.training_loss,
+        "train_loss": mean_step_loss(trainer.state.log_history),
         "final_fkl": history[-1]["fkl"] if history else None,
         "final_rkl": history[-1]["rkl"] if history else None,
         "final_beta": controller.beta,
