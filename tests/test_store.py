@@ -415,3 +415,27 @@ def test_reads_spanning_chunk_boundaries(reference_cache, monkeypatch):
     for want, got in zip(expected, (small[i] for i in range(len(small)))):
         np.testing.assert_array_equal(want.topk_ids, got.topk_ids)
         np.testing.assert_array_equal(want.tail_logmass, got.tail_logmass)
+
+
+def test_dense_logprobs_is_the_top_k_plus_each_modes_tail(setup, reference_cache):
+    cache = TeacherCache(str(reference_cache))
+    vocab = cache.meta.vocab_size
+    for i, sample in enumerate(setup["samples"][:3]):
+        rows, got = setup["reference"][sample.sample_id], cache[i]
+        uniform = cache.dense_logprobs(i, "uniform").astype(np.float64)
+        assert uniform.shape == (sample.n_loss_rows, vocab)
+        np.testing.assert_allclose(np.exp(uniform).sum(1), 1.0, atol=1e-5)
+        p_ref = np.zeros((sample.n_loss_rows, vocab))
+        np.put_along_axis(p_ref, rows.topk_ids, np.exp(rows.topk_logprobs), axis=1)
+        on_top = p_ref > 0
+        assert np.abs(np.exp(uniform) - p_ref)[on_top].max() < MAX_PROB_ERROR
+        tail_each = np.exp(rows.tail_logmass.astype(np.float64)) / (vocab - K)
+        np.testing.assert_allclose(np.where(on_top, 0.0, np.exp(uniform)),
+                                   np.where(on_top, 0.0, tail_each[:, None]), rtol=1e-5)
+        renormalized = np.exp(cache.dense_logprobs(i, "renormalize").astype(np.float64))
+        assert not renormalized[~on_top].any()
+        p_top = np.exp(got.topk_logprobs.astype(np.float64))
+        np.testing.assert_allclose(np.take_along_axis(renormalized, got.topk_ids, 1),
+                                   p_top / p_top.sum(1, keepdims=True), rtol=1e-5)
+    with pytest.raises(ValueError, match="no full-vocabulary form"):
+        cache.dense_logprobs(0, "bucket")

@@ -9,7 +9,9 @@ silently on the wrong tokens. Bytes that fail their crc32c raise a `DamageError`
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -31,6 +33,46 @@ class CachedSample:
     topk_logprobs: np.ndarray  # [L - P, k] float32
     tail_logmass: np.ndarray  # [L - P] float32
     target_logprob: np.ndarray  # [L - P] float32
+
+
+DenseTailMode = Literal["uniform", "renormalize"]
+"""The tail modes that define a full-vocabulary teacher distribution (Stage 2's names).
+
+``bucket`` is not one of them: it compares only the tail's total mass with the student's, so it
+assumes nothing about how that mass splits over the V - k other ids and no dense form exists.
+"""
+
+
+def dense_logprobs(
+    topk_ids: np.ndarray,
+    topk_logprobs: np.ndarray,
+    tail_logmass: np.ndarray,
+    vocab_size: int,
+    tail_mode: DenseTailMode,
+) -> np.ndarray:
+    """The teacher distribution Stage 2 trains against, as [n, V] float32 log-probs.
+
+    - ``uniform``: the exact tail mass spread evenly over the V - k ids outside the top-k.
+      (Stage 2 floors an empty tail at float64 eps to keep RKL finite; here it stays -inf.)
+    - ``renormalize``: the top-k alone, rescaled to sum to 1; every other id gets -inf, so the
+      KL from a full teacher is infinite wherever the tail is not empty.
+    """
+    n, k = topk_ids.shape
+    if tail_mode == "uniform":
+        fill = (tail_logmass.astype(np.float64) - math.log(vocab_size - k)
+                if k < vocab_size else np.full(n, -np.inf))
+        values = topk_logprobs
+    elif tail_mode == "renormalize":
+        fill = np.full(n, -np.inf)
+        top = topk_logprobs.astype(np.float64)
+        peak = top.max(axis=1, keepdims=True)
+        values = top - peak - np.log(np.exp(top - peak).sum(axis=1, keepdims=True))
+    else:
+        raise ValueError(f"tail mode {tail_mode!r} has no full-vocabulary form; "
+                         f"expected one of {get_args(DenseTailMode)}")
+    dense = np.repeat(fill.astype(np.float32)[:, None], vocab_size, axis=1)
+    np.put_along_axis(dense, topk_ids, values.astype(np.float32), axis=1)
+    return dense
 
 
 class TeacherCache:
@@ -150,6 +192,14 @@ class TeacherCache:
             tail_logmass=tail,
             target_logprob=self._rows("target_logprob", start, stop),
         )
+
+
+    def dense_logprobs(self, index: int, tail_mode: DenseTailMode) -> np.ndarray:
+        """Sample `index`'s teacher rows over the full vocabulary, [L - P, V] float32 log-probs,
+        under `tail_mode`'s assumption about the tail (see `dense_logprobs`)."""
+        sample = self[index]
+        return dense_logprobs(sample.topk_ids, sample.topk_logprobs, sample.tail_logmass,
+                              self.meta.vocab_size, tail_mode)
 
 
 class CacheDataset(torch.utils.data.Dataset):
