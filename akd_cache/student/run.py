@@ -94,9 +94,13 @@ def train_experiment(
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
-    student.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
+    # under torchrun every rank gets here; one writes, once all have finished with the checkpoints
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        student.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
+    trainer.accelerator.wait_for_everyone()
     history = [e for e in trainer.state.log_history if "fkl" in e]
     return {
         "experiment": name,
