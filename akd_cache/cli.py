@@ -22,6 +22,7 @@ STAGES = {
     "train": "stages.train",
     "template-analysis": "stages.template_analysis",
     "evaluate": "stages.evaluate",
+    "fidelity": "stages.fidelity",
     "report": "stages.report",
 }
 EXIT_USAGE = 2  # what argparse exits with on a bad command line; expected errors share it
@@ -31,12 +32,46 @@ DEBUG_ENV = "AKD_DEBUG"
 
 def _inspect(argv: list[str]) -> None:
     from akd_cache.store.inspect import describe
+    from akd_cache.store.integrity import damage_error, find_damage
     from akd_cache.store.reader import TeacherCache
 
     parser = argparse.ArgumentParser(prog="akd inspect", description="describe a teacher cache")
     parser.add_argument("cache", help="cache folder or fsspec URL")
     args = parser.parse_args(argv)
-    print(describe(TeacherCache(args.cache, allow_incomplete=True)))
+    cache = TeacherCache(args.cache, allow_incomplete=True, check_files=False)
+    damage = find_damage(cache.group, args.cache, cache.meta, full=False)
+    print(describe(cache, damage))
+    if damage:
+        raise damage_error(args.cache, damage)
+
+
+def _verify(argv: list[str]) -> None:
+    from akd_cache.store import format as fmt
+    from akd_cache.store.integrity import check_identity, damage_error, find_damage
+
+    parser = argparse.ArgumentParser(
+        prog="akd verify", description="check every shard of a teacher cache: present, "
+        "checksums valid, tables consistent, key re-derived from the ingredients; exit code 2 "
+        "and one line per damage if not (`akd cache-teacher` rewrites the damaged shards)"
+    )
+    parser.add_argument("cache", help="cache folder or fsspec URL")
+    args = parser.parse_args(argv)
+    try:
+        group = fmt.open_cache_group(args.cache, mode="r")
+    except FileNotFoundError:
+        raise CacheError(f"{args.cache}: no teacher cache there") from None
+    meta = fmt.CacheMeta.read(group, args.cache)
+    if meta is None:
+        raise CacheError(f"{args.cache}: not an akd-cache teacher cache")
+    check_identity(meta, args.cache)
+    damage = find_damage(group, args.cache, meta, full=True)
+    for d in damage:
+        print(d.line(args.cache))
+    if damage:
+        raise damage_error(args.cache, damage)
+    state = "complete" if meta.complete else "incomplete, the shards written so far"
+    print(f"{args.cache}: ok ({state}; key {meta.key} re-derived, every file present and "
+          "its checksums valid)")
 
 
 def _finalize(argv: list[str]) -> None:
@@ -53,7 +88,7 @@ def _finalize(argv: list[str]) -> None:
     print(f"{args.cache}: complete")
 
 
-TOOLS = {"inspect": _inspect, "finalize": _finalize}
+TOOLS = {"inspect": _inspect, "verify": _verify, "finalize": _finalize}
 
 
 def _debug_requested(argv: list[str]) -> bool:

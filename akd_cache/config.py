@@ -89,7 +89,15 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1: run whole epochs")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(
+        1.0, gt=0, description="must equal the cache's cache.temperature, unless temper_cache"
+    )
+    temper_cache: bool = Field(
+        False, description="train at `temperature` on a T = 1 cache: each row is tempered by "
+        "`temper_teacher`, exact within the top-k, the tail mass assumed spread evenly over the "
+        "other V - k ids (by Jensen, too much tempered tail mass for T > 1, too little for "
+        "T < 1); build the cache at T for exact values",
+    )
     t2_scale: bool = False
     tail_mode: TailMode = "bucket"
     chunk_size: int = Field(1024, gt=0, description="loss positions per lm-head chunk")
@@ -98,6 +106,13 @@ class TrainConfig(Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     output_root: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _temper_needs_a_temperature(self) -> TrainConfig:
+        if self.temper_cache and self.temperature == 1.0:
+            raise ValueError("temper_cache tempers a T = 1 cache to train.temperature; with "
+                             "temperature 1 it does not apply: remove it")
+        return self
 
 
 class LoraSettings(Strict):
@@ -252,6 +267,18 @@ class TemplateAnalysisConfig(Strict):
     root: str = "storage/template-caches"
 
 
+class FidelityConfig(Strict):
+    """Held-out fidelity (`akd fidelity`): every model against the live teacher and the
+    held-out cache, on the response positions of the held-out split."""
+
+    batch_size: int = Field(8, gt=0, description="held-out samples per forward")
+    chunk_positions: int = Field(512, gt=0, description="positions per [chunk, V] logits block")
+    bootstrap_seed: int = 0
+    cache_root: str = Field(
+        "storage/heldout-cache", description="where `akd cache-teacher --split heldout` writes"
+    )
+
+
 class Profile(Strict):
     data: DataConfig
     teacher: TeacherConfig
@@ -261,12 +288,28 @@ class Profile(Strict):
     eval: EvalConfig = EvalConfig()
     template_analysis: TemplateAnalysisConfig = TemplateAnalysisConfig()
     generate: GenerateConfig = GenerateConfig()
+    fidelity: FidelityConfig = FidelityConfig()
+
+
+class EvalplusRuns(Strict):
+    """Which models `dvc repro` scores with evalplus (the slow part on a CPU)."""
+
+    references: list[Literal["teacher", "student"]] = ["teacher", "student"]
+    experiments: list[str] = Field(default_factory=list, description="trained experiments")
 
 
 class Params(Strict):
     profile: str
     profiles: dict[str, Profile]
     experiments: dict[str, Experiment] = Field(default_factory=dict)
+    evalplus: EvalplusRuns = EvalplusRuns()
+
+    @model_validator(mode="after")
+    def _evalplus_names_experiments(self) -> Params:
+        unknown = sorted(set(self.evalplus.experiments) - set(self.experiments))
+        if unknown:
+            raise ValueError(f"evalplus.experiments names no experiment: {', '.join(unknown)}")
+        return self
 
     @field_validator("profiles")
     @classmethod

@@ -1,5 +1,8 @@
 """Stage `cache_teacher` (Stage 1): run the teacher over the training split into the store.
 
+`--split heldout` caches the held-out split the same way (its own key and pointer file), for
+`akd fidelity`: the cache's view of held-out divergences, without the teacher.
+
 Several workers may fill one cache: run with `--num-workers N --worker-index i` on each; the
 last worker to finish marks the cache complete (if one stopped early, `akd finalize <cache>`
 does it once every shard is in). Interrupted runs resume.
@@ -19,9 +22,9 @@ from akd_cache.data.instructions import read_examples
 from akd_cache.errors import ConfigError
 from akd_cache.teacher.build import build_cache
 from stages.common import (
+    CACHE_DROPPED,
+    CACHE_POINTERS,
     PREPARED_DIR,
-    TEACHER_CACHE_DROPPED,
-    TEACHER_CACHE_POINTER,
     load_stage_profile,
     require_input,
     stage_args,
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--worker-index", type=int, default=0)
     parser.add_argument("--break-lock", action="store_true")
+    parser.add_argument("--split", choices=("train", "heldout"), default="train")
     parser.add_argument("--ray", action="store_true", help="fill the shards on Ray actors")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, or a local one)")
@@ -49,18 +53,23 @@ def main(argv: list[str] | None = None) -> None:
 
         ray = RaySettings(args.address, args.actors, args.cpus_per_actor)
     profile = load_stage_profile(args)
-    train = require_input(PREPARED_DIR / "train.jsonl", "prepare")
+    pointer, dropped = CACHE_POINTERS[args.split], CACHE_DROPPED[args.split]
+    examples = require_input(PREPARED_DIR / f"{args.split}.jsonl", "prepare")
     summary = json.loads(require_input(PREPARED_DIR / "summary.json", "prepare").read_text())
+    cache = profile.cache
+    if args.split == "heldout":
+        cache = cache.model_copy(update={"root": profile.fidelity.cache_root})
     built = build_cache(
-        profile.teacher, profile.data, profile.cache, read_examples(train),
+        profile.teacher, profile.data, cache, read_examples(examples),
         summary["dataset_sha256"], worker_index=args.worker_index,
-        num_workers=args.num_workers, break_lock=args.break_lock, ray=ray,
+        num_workers=args.num_workers, break_lock=args.break_lock, split=args.split,
+        ray=ray,
     )
-    jsonl.write(TEACHER_CACHE_DROPPED, map(asdict, built.dropped))
-    print(f"cache_teacher: {built.n_samples} samples ({len(built.dropped)} dropped as too "
-          f"long, listed in {TEACHER_CACHE_DROPPED}), cache {built.location}")
+    jsonl.write(dropped, map(asdict, built.dropped))
+    print(f"cache_teacher: {args.split} split, {built.n_samples} samples ({len(built.dropped)} "
+          f"dropped as too long, listed in {dropped}), cache {built.location}")
     if built.complete:
-        write_json(TEACHER_CACHE_POINTER, {"key": built.key, "location": built.location})
+        write_json(pointer, {"key": built.key, "location": built.location})
         print(f"cache_teacher: complete, see `akd inspect {built.location}`")
     else:
         print("cache_teacher: this worker is done; other workers' shards are still missing")

@@ -14,6 +14,11 @@ RUNS_DIR = Path("runs")
 TEACHER_CACHE_POINTER = RUNS_DIR / "teacher_cache.json"
 TEACHER_CACHE_DROPPED = RUNS_DIR / "teacher_cache_dropped.jsonl"
 TEACHER_GENERATIONS_POINTER = RUNS_DIR / "teacher_generations.json"
+HELDOUT_CACHE_POINTER = RUNS_DIR / "teacher_cache_heldout.json"
+CACHE_POINTERS = {"train": TEACHER_CACHE_POINTER, "heldout": HELDOUT_CACHE_POINTER}
+CACHE_DROPPED = {"train": TEACHER_CACHE_DROPPED,
+                 "heldout": RUNS_DIR / "teacher_cache_heldout_dropped.jsonl"}
+FIDELITY_DIR = RUNS_DIR / "fidelity"
 
 
 def stage_args(description: str) -> argparse.ArgumentParser:

@@ -1,8 +1,13 @@
 """Stage `teacher_generate` (Stage 1's generate mode): the teacher's own responses to the
-training prompts, for SeqKD; content-addressed and resumable like the logit cache."""
+training prompts, for SeqKD; content-addressed and resumable like the logit cache. With no
+seqkd experiment in params.yaml (the default demo) there is nothing to generate: the pointer
+says so and the teacher is never loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from akd_cache.config import SeqKD, load_params
 from akd_cache.data.instructions import read_examples
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.generations import generations_location
@@ -15,7 +20,6 @@ from akd_cache.teacher.generate import (
 from stages.common import (
     PREPARED_DIR,
     TEACHER_GENERATIONS_POINTER,
-    load_stage_profile,
     require_input,
     stage_args,
     write_json,
@@ -26,7 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_args(__doc__)
     parser.add_argument("--break-lock", action="store_true")
     args = parser.parse_args(argv)
-    profile = load_stage_profile(args)
+    params = load_params(args.params, args.profile)
+    if not any(isinstance(e, SeqKD) for e in params.experiments.values()):
+        Path(params.active.generate.root).mkdir(parents=True, exist_ok=True)
+        write_json(TEACHER_GENERATIONS_POINTER, {"skipped": "no seqkd experiment"})
+        print("teacher_generate: no seqkd experiment, nothing to generate")
+        return
+    profile = params.active
     teacher_path = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
     tokenizer = load_tokenizer(teacher_path, profile.teacher.revision)
     examples = read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare"))

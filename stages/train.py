@@ -14,11 +14,13 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from akd_cache.config import DistillationExperiment, MiniLLM, ModelRef, load_params
+from akd_cache.config import DistillationExperiment, MiniLLM, ModelRef, SeqKD, load_params
 from akd_cache.data.instructions import read_examples
 from akd_cache.errors import ConfigError
 from akd_cache.models.resolve import resolve_model
+from akd_cache.store.reader import TeacherCache
 from akd_cache.student.run import train_experiment
+from akd_cache.teacher.build import check_cache_settings
 from stages.common import (
     PREPARED_DIR,
     TEACHER_CACHE_POINTER,
@@ -57,13 +59,17 @@ def main(argv: list[str] | None = None) -> None:
             profile.cache.template, experiment, profile.train, out, args.experiment,
         )
     else:
-        require_input(TEACHER_CACHE_POINTER, "cache-teacher")
-        generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text())["location"]
+        pointer = json.loads(require_input(TEACHER_CACHE_POINTER, "cache-teacher").read_text())
+        if not isinstance(experiment, SeqKD):
+            check_cache_settings(pointer["location"],
+                                 TeacherCache(pointer["location"]).ingredients, profile.teacher,
+                                 profile.data, profile.cache)
+        generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text()).get("location")
                        if TEACHER_GENERATIONS_POINTER.exists() else None)
         metrics = train_experiment(
-            json.loads(TEACHER_CACHE_POINTER.read_text())["location"], student,
-            experiment, profile.train, out, args.experiment,
+            pointer["location"], student, experiment, profile.train, out, args.experiment,
             generations=generations, cache_cfg=profile.cache, teacher=teacher,
+            cache_key=pointer["key"],
         )
     if not PartialState().is_main_process:  # under torchrun, rank 0 reports for all
         return

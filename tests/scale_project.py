@@ -9,7 +9,6 @@ import fsspec
 import numpy as np
 import yaml
 
-from akd_cache.store import format as fmt
 from akd_cache.store.reader import TeacherCache
 
 K = 16
@@ -54,4 +53,4 @@ def assert_same_cache(location: str, reference: str) -> None:
         x, y = a[i], b[i]
         for field in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"):
             np.testing.assert_array_equal(getattr(x, field), getattr(y, field), err_msg=field)
-    assert fmt.CacheMeta.read(a.group).complete
+    assert a.meta.complete

@@ -116,8 +116,8 @@ def test_exit_code_and_one_line_through_python_m(workdir, codealpaca_path, tiny)
 
 def test_unknown_command_and_experiment(workdir, codealpaca_path, tiny, capsys):
     assert akd(capsys, "trian") == (2, (
-        "akd: unknown command 'trian'; choose one of cache-teacher, evaluate, finalize, inspect, "
-        "models, prepare, report, teacher-generate, template-analysis, train"
+        "akd: unknown command 'trian'; choose one of cache-teacher, evaluate, fidelity, finalize, "
+        "inspect, models, prepare, report, teacher-generate, template-analysis, train, verify"
     ))
     write_params(workdir, codealpaca_path, tiny, {"model": tiny})
     code, line = akd(capsys, "train", "--experiment", "nope")

@@ -58,8 +58,12 @@ def with_experiments(**experiments) -> dict:
     return {**minimal(), "experiments": experiments}
 
 
-def test_repository_experiments_are_typed_by_method():
-    experiments = load_params(REPO / "params.yaml").experiments
+def test_repository_experiments_are_typed_by_method(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    full = tmp_path / "params.yaml"  # the paper's lists: `dvc exp run -S suite=full`
+    compose_and_dump(full, str(REPO / "conf"), None, "config", "", ["suite=full"])
+    experiments = load_params(full).experiments
     assert isinstance(experiments["akd"], AKD) and experiments["akd"].variant == "m3"
     assert isinstance(experiments["seqkd"], SeqKD) and isinstance(experiments["sft"], SFT)
     assert isinstance(experiments["beta_04"], FixedBeta) and experiments["beta_04"].beta == 0.4

@@ -122,7 +122,7 @@ def test_pass_at_k_needs_k_samples():
 
 
 def test_accuracy_loss_matches_the_paper():
-    """docs/method.md §7: teacher 29.3 / AKD 20.7 on HumanEval is a 29.3 % loss; MBPP 32.0 / 30.4."""
+    """docs/method.md §7: teacher 29.3 / AKD 20.7 on HumanEval is a 29.3 % loss; MBPP 32 / 30.4."""
     assert accuracy_loss(29.3, 20.7) == pytest.approx(0.2935, abs=5e-4)
     assert accuracy_loss(32.0, 30.4) == pytest.approx(0.05)
     assert accuracy_loss(20.0, 25.0) == pytest.approx(-0.25)  # a student above its teacher

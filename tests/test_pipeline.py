@@ -105,3 +105,27 @@ def test_template_analysis_builds_one_cache_per_template(first_run, tmp_path, mo
     monkeypatch.setattr(akd_cache.teacher.build, "backend_factory", lambda *a: no_teacher)
     stages.template_analysis.main(["--params", "params_templates.yaml"])
     assert json.loads(result_path.read_text()) == result
+
+
+def test_heldout_cache_and_fidelity_through_the_cli(first_run, monkeypatch):
+    """The held-out split gets its own cache; `akd fidelity` puts the teacher itself at zero
+    and the 2-of-30-layer student far from it, in both the exact and the cache's view."""
+    from akd_cache.cli import main
+
+    workdir, _, pointer = first_run
+    monkeypatch.chdir(workdir)
+    main(["cache-teacher", "--split", "heldout"])
+    heldout = json.loads((workdir / "runs" / "teacher_cache_heldout.json").read_text())
+    cache = TeacherCache(heldout["location"])
+    assert heldout["key"] != pointer["key"] and cache.ingredients["split"] == "heldout"
+    teacher_dir = "storage/models/smollm2-135m-instruct"
+    main(["fidelity", "--model", "student", "--model", teacher_dir])
+    result = {name: json.loads((workdir / "runs" / "fidelity" / f"{name}.json").read_text())
+              for name in ("student", "smollm2-135m-instruct")}
+    teacher, student = (result[n]["metrics"] for n in ("smollm2-135m-instruct", "student"))
+    assert teacher["fkl"]["mean"] < 1e-4 and teacher["top1_agreement"]["mean"] == 1.0
+    # the cache's view of the teacher is its coding error plus the tail it cannot see
+    assert teacher["fkl_uniform"]["mean"] < 0.1
+    assert student["fkl"]["mean"] > 1.0 and student["fkl_bucket"]["mean"] <= student["fkl"]["mean"]
+    for values in student.values():
+        assert values["ci_low"] <= values["mean"] <= values["ci_high"]

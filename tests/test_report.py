@@ -60,6 +60,14 @@ EXPERIMENTS = {
     "akd_m2": {"method": "akd", "variant": "m2"},
     "beta_02": {"method": "fixed_beta", "beta": 0.2},
     "beta_04": {"method": "fixed_beta", "beta": 0.4},  # never run
+    "kd_online": {"method": "kd", "online": True},  # trained and measured, not evaluated
+}
+# Held-out fidelity (mean, ci_low, ci_high) of exact FKL / RKL; the parity row's gap is by hand:
+# kd's FKL (2.2 - 2.0) / 2.0 = +10.0%, its RKL (3.0 - 4.0) / 4.0 = -25.0%.
+FIDELITY = {
+    "student": {"fkl": (16.7, 16.1, 17.3), "rkl": (9.0, 8.5, 9.5)},
+    "kd": {"fkl": (2.2, 2.0, 2.4), "rkl": (3.0, 2.7, 3.3)},
+    "kd_online": {"fkl": (2.0, 1.8, 2.2), "rkl": (4.0, 3.6, 4.4)},
 }
 TAXONOMY_HUMANEVAL = {
     "teacher": {"total": 164, "correct": 48, "complete": 150, "incomplete": 14,
@@ -135,6 +143,10 @@ def write_runs(root: Path, models: list[str], with_extras: bool = True) -> None:
                  "entropy": {"alpaca": 189, "instruct_eval": 11}},
     })
     write_json(runs / "teacher_cache.json", {"key": "abc123", "location": "storage/nowhere"})
+    for model, metrics in FIDELITY.items():
+        write_json(runs / "fidelity" / f"{model}.json", {"model": model, "metrics": {
+            name: {"mean": m, "ci_low": lo, "ci_high": hi} for name, (m, lo, hi) in metrics.items()
+        }})
 
 
 def run_stage(root: Path, monkeypatch: pytest.MonkeyPatch, tail: dict | None) -> str:
@@ -319,3 +331,20 @@ def test_minillm_row_comes_from_the_method():
     assert main_rows(params, evals) == [Row("Teacher", "teacher"),
                                         Row("KD", "minillm"),
                                         Row("MiniLLM", "online_rkl")]
+
+
+def test_fidelity_comes_first_with_intervals(full):
+    _, markdown, _ = full
+    assert markdown.split("\n## ")[1].startswith("Fidelity on the held-out split")
+    rows = table(sections(markdown)["Fidelity on the held-out split"])
+    assert rows["`student`"][:4] == ["untrained", "-", "16.700 [16.100, 17.300]",
+                                     "9.000 [8.500, 9.500]"]
+    assert rows["`kd`"][:2] == ["kd", "cache (profile)"]
+    assert rows["`kd_online`"][:2] == ["kd", "online"]
+
+
+def test_parity_pairs_each_online_run_with_its_cache_twin(full):
+    _, markdown, _ = full
+    rows = table(sections(markdown)["Parity"])
+    assert rows["`kd` vs `kd_online`"] == ["kd", "2.200", "2.000", "+10.0%", "3.000", "4.000",
+                                           "-25.0%", "0.200 / -"]

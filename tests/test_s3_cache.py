@@ -103,11 +103,14 @@ def test_s3_training_from_the_cache_equals_training_from_a_local_copy(s3_cache, 
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_s3_inspect_describes_the_cache(s3_cache, capsys):
-    akd(["inspect", s3_cache["location"]])
+def test_s3_inspect_and_verify_describe_the_cache(s3_cache, capsys):
+    location = s3_cache["location"]
+    key = location.rsplit("/", 1)[1]
+    akd(["inspect", location])
     out = capsys.readouterr().out
-    key = s3_cache["location"].rsplit("/", 1)[1]
-    assert f"cache      {s3_cache['location']}" in out and f"key        {key}  (complete)" in out
+    assert f"cache      {location}" in out and f"key        {key}" in out and "complete" in out
+    akd(["verify", location])
+    assert f"{location}: ok (complete; key {key} re-derived" in capsys.readouterr().out
 
 
 def test_s3_lock_is_a_conditional_write_that_moto_honours(s3_endpoint):

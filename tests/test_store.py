@@ -295,13 +295,14 @@ def test_key_changes_with_every_ingredient(setup):
 
 def test_key_of_fixed_ingredients_is_stable():
     """The value the code gave before the store was made the bottom layer: a key that moves
-    orphans every existing cache."""
+    orphans every existing cache. (Pinned at format version 1: format 2 added checksums, and its
+    caches get new keys by design.)"""
     ingredients = CacheIngredients(
         teacher="embedded:smollm2", teacher_revision=None, teacher_weights_sha256="a" * 64,
         teacher_dtype="float32", tokenizer_sha256="b" * 64, dataset_sha256="c" * 64,
         samples_sha256="d" * 64, split="train", heldout=100, split_seed=0, max_train_samples=96,
         template="alpaca_original", max_length=512, truncation="truncate_response", k=64,
-        temperature=1.0,
+        temperature=1.0, format_version=1,
     )
     assert ingredients.key() == "c34ec87d2ed70a670211"
 
@@ -332,7 +333,7 @@ def test_meta_is_the_one_schema_of_the_attributes(setup, reference_cache, tmp_pa
         setup["ingredients"].key(), K, len(setup["samples"]), n_rows)
     assert meta.ingredients == setup["ingredients"].to_dict()
     assert meta.stats.rows == n_rows == sum(meta.stats.tail_mass_log10_hist.counts)
-    text = describe(cache)
+    text = describe(cache, [])
     assert f"key        {meta.key}  (complete)" in text
     assert f"tokens     {meta.n_tokens} in sequences, {n_rows} teacher rows" in text
 

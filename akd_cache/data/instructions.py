@@ -2,8 +2,9 @@
 
 Local JSON / JSONL files are parsed with the json module rather than `datasets`, so a single row
 with a wrong type is dropped and reported instead of failing Arrow's schema inference for the
-whole file; a JSONL line that is not UTF-8 JSON is one dropped row. Hub ids go through `datasets`. The content hash covers the rows themselves, not file
-mtimes, so two copies of the same data share one teacher cache.
+whole file; a JSONL line that is not UTF-8 JSON is one dropped row. Hub ids go through
+`datasets`. The content hash covers the rows themselves, not file mtimes, so two copies of the
+same data share one teacher cache.
 """
 
 from __future__ import annotations

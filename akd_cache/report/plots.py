@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from akd_cache.config import Params
 from akd_cache.report.markdown import NOT_RUN, PERCENT
-from akd_cache.report.rows import model_order
+from akd_cache.report.rows import TEACHER, model_order
 from akd_cache.report.runs import RunData
 from akd_cache.report.tables import DATASETS
 
@@ -22,12 +22,14 @@ BAR_WIDTH = 0.4
 BETA_RANGE = (0.0, 1.0)  # beta is clamped to [0, 1]: the whole range shows where it sits
 BETA_METHODS = ("akd", "fixed_beta")
 PLOT_FILES = {
+    "fidelity": "fidelity.png",
     "beta": "beta_trajectory.png",
     "loss": "loss_curves.png",
     "pass": "pass_at_1.png",
     "tail": "tail_mass_hist.png",
 }
 PLOT_TITLES = {
+    "fidelity": "held-out divergence from the teacher",
     "beta": "beta per step",
     "loss": "training loss",
     "pass": "pass@1 per model",
@@ -72,6 +74,27 @@ def line_plot(
     return _save(fig, path)
 
 
+def fidelity_plot(models: Sequence[str], fidelity: dict[str, dict], path: Path) -> Path | None:
+    """Grouped bars with bootstrap 95% intervals: exact held-out FKL and RKL per model."""
+    models = [m for m in models if "fkl" in fidelity[m]["metrics"]]
+    if not models:
+        return None
+    fig = Figure(figsize=PLOT_SIZE)
+    ax = fig.add_subplot()
+    xs = range(len(models))
+    for i, key in enumerate(("fkl", "rkl")):
+        stats = [fidelity[m]["metrics"][key] for m in models]
+        means = [s["mean"] for s in stats]
+        errors = [[s["mean"] - s["ci_low"] for s in stats],
+                  [s["ci_high"] - s["mean"] for s in stats]]
+        ax.bar([x + (i - 0.5) * BAR_WIDTH for x in xs], means, BAR_WIDTH, yerr=errors,
+               capsize=3, label=f"{key.upper()} (exact)")
+    ax.set_xticks(list(xs), models, rotation=30, ha="right")
+    ax.set(ylabel="nat/token", title="held-out divergence from the live teacher (95% CI)")
+    ax.legend()
+    return _save(fig, path)
+
+
 def pass_plot(models: Sequence[str], evals: dict[str, dict], path: Path) -> Path | None:
     """Grouped bars: base pass@1 (%) on HumanEval and MBPP per model."""
     models = [m for m in models if evals[m].get("datasets")]
@@ -112,6 +135,8 @@ def write_plots(params: Params, data: RunData, plot_dir: Path) -> dict[str, Path
     """Each plot's path, or None where there was nothing to draw (an old file is removed)."""
     beta_runs = [n for n, e in params.experiments.items() if e.method in BETA_METHODS]
     makers: dict[str, Callable[[Path], Path | None]] = {
+        "fidelity": lambda p: fidelity_plot(
+            [n for n in model_order(params, data.fidelity) if n != TEACHER], data.fidelity, p),
         "beta": lambda p: line_plot(
             {n: series(data.logs[n], "beta_used") for n in beta_runs if n in data.logs},
             "beta used", "beta per step (AKD and fixed beta)", p, BETA_RANGE),

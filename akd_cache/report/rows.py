@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from akd_cache.config import Experiment, Params
+from akd_cache.config import DistillationExperiment, Experiment, Params
 
 TEACHER = "teacher"
 STUDENT = "student"
@@ -23,6 +23,27 @@ class Row:
     model: str  # the folder under runs/eval (and runs/train for a trained model)
 
 
+def is_online(experiment: Experiment) -> bool:
+    """Trained against the live teacher rather than the cache (only distillation methods can)."""
+    return bool(getattr(experiment, "online", False))
+
+
+def teacher_source(experiment: Experiment) -> str:
+    if isinstance(experiment, DistillationExperiment):
+        return "online" if experiment.online else f"cache ({experiment.tail_mode or 'profile'})"
+    return "-"
+
+
+def cache_twin(experiments: dict[str, Experiment], online_name: str) -> str | None:
+    """The cache run of the same experiment as an online one: every setting equal but `online`
+    (and the tail mode, which only a cache run has)."""
+    target = experiments[online_name].model_dump(exclude={"online", "tail_mode"})
+    for name, exp in experiments.items():
+        if not is_online(exp) and exp.model_dump(exclude={"online", "tail_mode"}) == target:
+            return name
+    return None
+
+
 def find_experiment(
     experiments: dict[str, Experiment],
     available: Iterable[str],
@@ -31,6 +52,7 @@ def find_experiment(
     lora: bool = False,
     variant: str | None = None,
     preferred: str | None = None,
+    online: bool = False,
 ) -> str | None:
     """The evaluated experiment standing for one paper row: `preferred` when it qualifies, else
     the first qualifying one in params order."""
@@ -38,7 +60,7 @@ def find_experiment(
     candidates = [
         name for name, exp in experiments.items()
         if name in available and exp.method == method and (exp.lora is not None) == lora
-        and (variant is None or exp.variant == variant)
+        and (variant is None or exp.variant == variant) and is_online(exp) == online
     ]
     if preferred in candidates:
         return preferred

@@ -17,6 +17,7 @@ class RunData:
     evals: dict[str, dict] = field(default_factory=dict)
     train: dict[str, dict] = field(default_factory=dict)
     logs: dict[str, list[dict]] = field(default_factory=dict)
+    fidelity: dict[str, dict] = field(default_factory=dict)
     templates: dict | None = None
     cache_pointer: dict | None = None
     tail_hist: dict | None = None
@@ -61,6 +62,8 @@ def load_runs(runs_dir: Path, train_dir: Path | None = None) -> RunData:
         train={e: json.loads(p.read_text()) for e, p in
                _per_folder(train_dir, "metrics.json").items()},
         logs={e: read_log(p) for e, p in _per_folder(train_dir, "log.jsonl").items()},
+        fidelity={p.stem: json.loads(p.read_text())
+                  for p in sorted((runs_dir / "fidelity").glob("*.json"))},
         templates=read_json(runs_dir / "template_analysis.json"),
         cache_pointer=read_json(pointer_path),
         tail_hist=load_tail_histogram(pointer_path),

@@ -25,10 +25,13 @@ from akd_cache.report.rows import (
     TEACHER,
     Row,
     ablation_rows,
+    cache_twin,
     fixed_beta_rows,
+    is_online,
     lora_rows,
     main_rows,
     model_order,
+    teacher_source,
 )
 from akd_cache.report.runs import RunData
 
@@ -46,6 +49,75 @@ SUBCATEGORY_PARENT = {
     NOT_REPRODUCED: OTHER,
 }
 SUBCATEGORY_SEPARATORS = (": ", "/")
+
+
+# ------------------------------------------------------------------------ fidelity and parity
+
+FIDELITY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fkl", "FKL exact"), ("rkl", "RKL exact"), ("fkl_bucket", "FKL bucket"),
+    ("fkl_uniform", "FKL uniform"), ("rkl_bucket", "RKL bucket"), ("rkl_uniform", "RKL uniform"),
+    ("nll", "NLL ref"), ("top1_agreement", "top-1 agree"), ("student_tail_mass", "tail mass"),
+)
+
+
+def interval(summary: dict | None) -> str:
+    """`mean [low, high]` of a bootstrap summary, 3 decimals."""
+    if summary is None:
+        return MISSING
+    return f"{summary['mean']:.3f} [{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]"
+
+
+def fidelity_names(params: Params, data: RunData) -> list[str]:
+    return [n for n in model_order(params, data.fidelity) if n != TEACHER]
+
+
+def fidelity_table(params: Params, data: RunData) -> str | None:
+    """Held-out fidelity: exact divergences against the live teacher, the held-out cache's view
+    of the same, and the reference NLL, each a mean over samples with its 95% interval."""
+    names = fidelity_names(params, data)
+    if not names:
+        return None
+    header = ["model", "method", "teacher in training",
+              *(title for _, title in FIDELITY_COLUMNS)]
+    body = []
+    for name in names:
+        exp = params.experiments.get(name)
+        metrics = data.fidelity[name]["metrics"]
+        body.append([
+            f"`{name}`", exp.method if exp else "untrained", teacher_source(exp) if exp else "-",
+            *(interval(metrics.get(key)) for key, _ in FIDELITY_COLUMNS),
+        ])
+    return md_table(header, body)
+
+
+def relative_gap(cache: float, online: float) -> str:
+    return MISSING if online == 0 else f"{PERCENT * (cache - online) / online:+.1f}%"
+
+
+def parity_table(params: Params, data: RunData) -> str | None:
+    """Each online run beside its cache twin: held-out exact FKL / RKL and the relative gap of
+    the cache run to the online one (the paper's setting, and the limit a cache can reach)."""
+    body = []
+    for online in (n for n, e in params.experiments.items() if is_online(e)):
+        cache = cache_twin(params.experiments, online)
+        if cache is None or cache not in data.fidelity or online not in data.fidelity:
+            continue
+        row = [f"`{cache}` vs `{online}`", params.experiments[online].method]
+        for key in ("fkl", "rkl"):
+            c = data.fidelity[cache]["metrics"].get(key)
+            o = data.fidelity[online]["metrics"].get(key)
+            if c is None or o is None:
+                row += [MISSING] * 3
+                continue
+            row += [f"{c['mean']:.3f}", f"{o['mean']:.3f}", relative_gap(c["mean"], o["mean"])]
+        betas = [data.train.get(n, {}).get("final_beta") for n in (cache, online)]
+        row.append(" / ".join(number(b, ".3f") for b in betas))
+        body.append(row)
+    if not body:
+        return None
+    header = ["cache vs online", "method", "FKL cache", "FKL online", "FKL gap", "RKL cache",
+              "RKL online", "RKL gap", "final beta cache / online"]
+    return md_table(header, body)
 
 
 # ------------------------------------------------------------------------------ pass@1 tables

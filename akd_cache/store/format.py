@@ -15,6 +15,10 @@ Layout (R = loss rows, padded so that every shard holds whole samples; S = sampl
     attrs["akd_cache"]  `CacheMeta`: the key and its ingredients, sizes, `complete` (written last,
                         with the `CacheStats`)
 
+Every stored chunk (every inner chunk of a shard, and each shard's index) ends in a crc32c that
+zarr verifies on read, and every chunk is written even when it holds only fill values, so a
+missing file is always damage (zarr itself would read it as fill values): `store.integrity`.
+
 Why this coding (measured in docs/benchmarks.md): a top-k set in probability order costs its
 order on top of its members (~log2(k!) bits); sorted and delta-coded ids after renumbering the
 vocabulary so that the tokens the teacher ranks high most often get small numbers leave small
@@ -32,10 +36,14 @@ from typing import Any
 
 import numpy as np
 import zarr
-from pydantic import BaseModel, ConfigDict
-from zarr.codecs import BloscCodec
+from pydantic import BaseModel, ConfigDict, ValidationError
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-FORMAT_VERSION = 1
+from akd_cache.errors import DamageError
+
+# 2: a crc32c on every chunk (4 B each, < 0.01 B per row at the default shard and chunk sizes),
+# every chunk written even when empty. The key hashes this, so format-1 caches are not reused.
+FORMAT_VERSION = 2
 ATTRS = "akd_cache"
 CODE_MAX = 100  # 7.7e-4 nat mean KL with SmolLM2, k = 64 (docs/benchmarks.md)
 CALIBRATION_ROWS = 4096
@@ -47,7 +55,15 @@ BLOSC_BLOCK_BYTES = 1 << 20
 # zstd-3 on the ids, the bulk of the bytes; zstd-1 elsewhere compresses as well and 10x faster
 ID_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
+CHECKSUM = Crc32cCodec()  # last, so it covers the compressed bytes and is checked first on read
+ID_CODECS = (ID_COMPRESSOR, CHECKSUM)
+CODECS = (COMPRESSOR, CHECKSUM)
+# an all-fill-value chunk is still stored: a missing one then always means damage
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 UINT16_LIMIT = 1 << 16
+ROW_ARRAYS = ("rows/ids", "rows/codes", "rows/tail_logmass", "rows/target_logprob")
+SAMPLE_TABLES = ("row_start", "n_rows", "seq_start", "seq_len", "prompt_len")
+SAMPLE_ARRAYS = (*(f"samples/{name}" for name in SAMPLE_TABLES), "samples/sample_id")
 
 
 class _Attrs(BaseModel):
@@ -89,10 +105,20 @@ class CacheMeta(_Attrs):
     stats: CacheStats | None = None  # set together with `complete`
 
     @classmethod
-    def read(cls, group: zarr.Group) -> CacheMeta | None:
+    def read(cls, group: zarr.Group, location: str) -> CacheMeta | None:
         """None for a group that holds no akd-cache attributes (not a cache, or not yet one)."""
         raw = group.attrs.get(ATTRS)
-        return None if raw is None else cls.model_validate(raw)
+        if raw is None:
+            return None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(map(str, first["loc"])) or ATTRS
+            raise DamageError(
+                f"{location}: damaged '{ATTRS}' attributes ({field}: {first['msg']}); run "
+                "`akd cache-teacher` to restore them"
+            ) from None
 
     def write(self, group: zarr.Group) -> None:
         group.attrs[ATTRS] = self.model_dump(mode="json", exclude_none=True)
@@ -102,6 +128,11 @@ def open_cache_group(location: str, mode: str) -> zarr.Group:
     """A local path or any fsspec URL; local fsspec writes need their folders made on the way."""
     options = {"auto_mkdir": True} if location.startswith("file://") else None
     return zarr.open_group(location, mode=mode, storage_options=options)
+
+
+def writable(group: zarr.Group, path: str) -> zarr.Array:
+    """An array of `group` opened to store every chunk it is given (`WRITE_EVERY_CHUNK`)."""
+    return group[path].with_config(WRITE_EVERY_CHUNK)
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -171,20 +202,22 @@ def create_layout(
     ids = id_dtype(vocab_size)
     inner = min(INNER_CHUNK_ROWS, shard_rows)
     rows = group.create_group("rows", overwrite=True)
-    for name, dtype, compressor in (("ids", ids, ID_COMPRESSOR), ("codes", np.uint8, COMPRESSOR)):
+    common = {"fill_value": 0, "overwrite": True, "config": WRITE_EVERY_CHUNK}
+    for name, dtype, codecs in (("ids", ids, ID_CODECS), ("codes", np.uint8, CODECS)):
         rows.create_array(
             name, shape=(n_rows_padded, k), dtype=dtype, chunks=(inner, k),
-            shards=(shard_rows, k), compressors=compressor, fill_value=0, overwrite=True,
+            shards=(shard_rows, k), compressors=codecs, **common,
         )
     for name in ("tail_logmass", "target_logprob"):
         rows.create_array(
             name, shape=(n_rows_padded,), dtype=np.float32, chunks=(inner,),
-            shards=(shard_rows,), compressors=COMPRESSOR, fill_value=0.0, overwrite=True,
+            shards=(shard_rows,), compressors=CODECS, **common,
         )
     group.create_array(
         "tokens", shape=(n_tokens,), dtype=ids, chunks=(min(TOKEN_CHUNK, max(n_tokens, 1)),),
-        compressors=COMPRESSOR, fill_value=0, overwrite=True,
+        compressors=CODECS, **common,
     )
     group.create_array(
-        "shard_done", shape=(n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0, overwrite=True,
+        "shard_done", shape=(n_shards,), dtype=np.uint8, chunks=(1,), compressors=CHECKSUM,
+        **common,
     )

@@ -1,18 +1,25 @@
-"""`akd inspect`: a cache's size, what its rows say about the teacher, and its key."""
+"""`akd inspect`: a cache's size, what its rows say about the teacher, its key, and whether
+every shard file is there (a quick check; `akd verify` reads every checksum)."""
 
 from __future__ import annotations
 
+from akd_cache.store.integrity import Damage
 from akd_cache.store.reader import TeacherCache
 from akd_cache.store.stats import TAIL_HIST_EDGES
 
 BAR_WIDTH = 40
 
 
-def describe(cache: TeacherCache) -> str:
+def describe(cache: TeacherCache, damage: list[Damage]) -> str:
+    """`damage`: what the quick presence check found (`integrity.find_damage(full=False)`)."""
     meta = cache.meta
+    files = (f"DAMAGED: {len(damage)} found; run `akd verify {cache.location}`" if damage else
+             f"all present (quick check; `akd verify {cache.location}` reads every checksum)")
     lines = [
         f"cache      {cache.location}",
         f"key        {meta.key}  ({'complete' if meta.complete else 'INCOMPLETE'})",
+        f"files      {files}",
+        *(f"  damaged  {d.line(cache.location)}" for d in damage),
         f"samples    {meta.n_samples}",
         f"tokens     {meta.n_tokens} in sequences, {meta.n_rows} teacher rows",
         f"k          {meta.k}  (vocabulary {meta.vocab_size})",

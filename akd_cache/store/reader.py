@@ -1,8 +1,9 @@
 """Read a teacher cache: random access by sample, and a torch Dataset + collate for Stage 2.
 
-The reader refuses an incomplete cache unless told otherwise, and refuses a student whose
-tokenizer differs from the teacher's: top-k ids from another vocabulary would train silently
-on the wrong tokens.
+The reader refuses an incomplete cache unless told otherwise, a cache whose key is not the hash
+of its ingredients, one with a missing shard or chunk file (zarr would read fill values), and a
+student whose tokenizer differs from the teacher's: top-k ids from another vocabulary would train
+silently on the wrong tokens. Bytes that fail their crc32c raise a `DamageError` when read.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import ValidationError
+import zarr
 from transformers import PreTrainedTokenizerBase
 
 from akd_cache.errors import CacheError
 from akd_cache.store import format as fmt
+from akd_cache.store import integrity
 from akd_cache.store.key import tokenizer_fingerprint
 
 
@@ -32,34 +34,39 @@ class CachedSample:
 
 
 class TeacherCache:
-    def __init__(self, location: str, allow_incomplete: bool = False) -> None:
+    def __init__(
+        self, location: str, allow_incomplete: bool = False, check_files: bool = True
+    ) -> None:
+        """`check_files=False` skips the presence check of every shard, for `akd inspect`,
+        which reports damage itself."""
         try:
             self.group = fmt.open_cache_group(location, mode="r")
         except FileNotFoundError:
             raise CacheError(f"{location}: no teacher cache there") from None
-        try:
-            meta = fmt.CacheMeta.read(self.group)
-        except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(map(str, first["loc"]))
-            raise CacheError(
-                f"{location}: damaged '{fmt.ATTRS}' attributes ({field}: {first['msg']})"
-            ) from None
+        meta = fmt.CacheMeta.read(self.group, location)
         if meta is None:
             raise CacheError(f"{location}: not an akd-cache teacher cache (no '{fmt.ATTRS}' attrs)")
+        integrity.check_identity(meta, location)
         if not meta.complete and not allow_incomplete:
             done = int(self.group["shard_done"][:].sum())
             raise CacheError(
                 f"{location}: incomplete cache ({done} of {meta.n_shards} shards); resume "
                 "the cache stage, or pass allow_incomplete=True"
             )
+        if check_files:
+            damage = integrity.find_damage(self.group, location, meta, full=False)
+            if damage:
+                raise integrity.damage_error(location, damage)
         self.location = location
         self.meta = meta
-        samples = self.group["samples"]
-        self._tables = {name: samples[name][:] for name in
-                        ("row_start", "n_rows", "seq_start", "seq_len", "prompt_len")}
-        self.sample_ids = samples["sample_id"][:]
-        vocab_rank = self.group["vocab_rank"][:].astype(np.int64)
+        try:
+            self._tables = integrity.read_tables(self.group)
+            self.sample_ids = self.group["samples/sample_id"][:]
+            vocab_rank = self.group["vocab_rank"][:].astype(np.int64)
+        except (KeyError, *integrity.DECODE_ERRORS):
+            damage = integrity.find_damage(self.group, location, meta, full=True)
+            raise integrity.damage_error(location, damage) from None
+        self._index = integrity.SampleIndex(self._tables, meta.shard_rows)
         self._vocab_order = np.empty_like(vocab_rank)
         self._vocab_order[vocab_rank] = np.arange(len(vocab_rank))
         self._arrays = {name: self.group[f"rows/{name}"] for name in
@@ -73,9 +80,12 @@ class TeacherCache:
             self._read_block
         )
 
+    def _read(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
+        return integrity.read_guarded(array, slice(start, stop), self._index, self.location)
+
     def _read_block(self, name: str, block: int) -> np.ndarray:
         start = block * self._block_rows
-        return self._arrays[name][start : start + self._block_rows]
+        return self._read(self._arrays[name], start, start + self._block_rows)
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) through a cache of decoded chunks: zarr decodes a whole chunk per
@@ -111,7 +121,8 @@ class TeacherCache:
         """Raise unless the student shares the teacher's tokenizer (and the key, if given)."""
         if expected_key is not None and expected_key != self.key:
             raise CacheError(
-                f"{self.location}: cache key {self.key} differs from the expected {expected_key}"
+                f"{self.location}: cache key {self.key} differs from the expected {expected_key}; "
+                "run `akd cache-teacher` for the current params"
             )
         theirs = self.ingredients["tokenizer_sha256"]
         ours = tokenizer_fingerprint(tokenizer)
@@ -130,9 +141,9 @@ class TeacherCache:
         tail = self._rows("tail_logmass", start, stop)
         return CachedSample(
             sample_id=str(self.sample_ids[index]),
-            input_ids=self._tokens[t["seq_start"] : t["seq_start"] + t["seq_len"]].astype(
-                np.int64
-            ),
+            input_ids=self._read(
+                self._tokens, t["seq_start"], t["seq_start"] + t["seq_len"]
+            ).astype(np.int64),
             prompt_len=t["prompt_len"],
             topk_ids=fmt.decode_ids(self._rows("ids", start, stop), self._vocab_order),
             topk_logprobs=fmt.decode_logprobs(self._rows("codes", start, stop), tail),

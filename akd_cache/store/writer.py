@@ -6,12 +6,18 @@ one call per array (zarr's sharding loses concurrent partial writes into one sha
 there are none), then its `shard_done` flag is set. A re-run skips done shards and recomputes
 the rest from the same samples in the same batches, so the result equals an uninterrupted run.
 The group's `complete` flag is written last, by `finalize`, once every shard is done.
+
+Opening an existing cache checks it in full first (`store.integrity`): damaged row shards get
+their `shard_done` flag cleared and are computed again, damaged sample tables are rewritten from
+the samples, and damaged attributes that still name this cache are restored, so a repaired
+cache equals an undamaged one bit for bit.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,15 +26,17 @@ import zarr
 from tqdm.auto import tqdm
 
 from akd_cache import __version__
-from akd_cache.errors import CacheError, ConfigError, ModelError
+from akd_cache.errors import CacheError, ConfigError, DamageError, ModelError
 from akd_cache.store import format as fmt
-from akd_cache.store.key import CacheIngredients
+from akd_cache.store import integrity
+from akd_cache.store.key import CacheIngredients, hash_key
 from akd_cache.store.lock import WriterLock
 from akd_cache.store.rows import TeacherBackend, TeacherRows, TokenizedSample
 from akd_cache.store.stats import cache_stats
 
 SCORE_BATCH_SAMPLES = 64
 INIT_WAIT_S = 3600.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,29 +88,64 @@ def open_or_init(
     shard_rows: int,
     teacher: Callable[[], TeacherBackend],
 ) -> tuple[zarr.Group, ShardPlan]:
-    """Open the cache at `location`, creating its layout and sample tables if it is new.
+    """Open the cache at `location` (checked, and repaired where it can be), creating its layout
+    and sample tables if it is new.
 
     Only a new cache calls `teacher`, to calibrate the vocabulary renumbering.
     """
     plan = plan_shards([s.n_loss_rows for s in samples], shard_rows)
     group = fmt.open_cache_group(location, mode="a")
-    meta = fmt.CacheMeta.read(group)
-    if meta is not None:
-        if meta.key != ingredients.key():
-            raise IncompatibleCacheError(
-                f"{location}: holds cache {meta.key}, not {ingredients.key()}; "
-                "a cache location is tied to its key; move that folder away or change cache.root"
-            )
+    fresh = new_meta(ingredients, samples, plan, vocab_size)
+    raw = group.attrs.get(fmt.ATTRS)
+    if raw is not None:
+        meta = stored_meta(group, location, raw, fresh)
+        repair(group, location, meta, samples, plan, vocab_size)
         return group, plan
-    tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])
-    if tokens.size and tokens.max() >= vocab_size:
-        raise ModelError(f"token id {tokens.max()} is outside the vocabulary of {vocab_size}; "
+    top = max((max(s.input_ids) for s in samples if s.input_ids), default=-1)
+    if top >= vocab_size:
+        raise ModelError(f"token id {top} is outside the vocabulary of {vocab_size}; "
                          "the tokenizer does not belong to the model")
     fmt.create_layout(
         group, n_rows_padded=plan.n_rows_padded, shard_rows=shard_rows, n_shards=plan.n_shards,
-        k=ingredients.k, vocab_size=vocab_size, n_tokens=len(tokens),
+        k=ingredients.k, vocab_size=vocab_size, n_tokens=fresh.n_tokens,
     )
-    group["tokens"][:] = tokens.astype(fmt.id_dtype(vocab_size))
+    tokens = write_tables(group, samples, plan, vocab_size)
+    calibration = teacher().score(calibration_samples(samples))
+    calibration_ids = np.concatenate([r.topk_ids for r in calibration])
+    group.create_array(
+        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size),
+        compressors=fmt.CODECS, config=fmt.WRITE_EVERY_CHUNK, overwrite=True,
+    )
+    fresh.write(group)
+    return group, plan
+
+
+def new_meta(
+    ingredients: CacheIngredients, samples: Sequence[TokenizedSample], plan: ShardPlan,
+    vocab_size: int,
+) -> fmt.CacheMeta:
+    return fmt.CacheMeta(
+        key=ingredients.key(),
+        ingredients=ingredients.to_dict(),
+        tool_version=__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        n_samples=len(samples),
+        n_rows=sum(s.n_loss_rows for s in samples),
+        n_tokens=sum(len(s.input_ids) for s in samples),
+        k=ingredients.k,
+        vocab_size=vocab_size,
+        shard_rows=plan.shard_rows,
+        n_shards=plan.n_shards,
+        complete=False,
+    )
+
+
+def write_tables(
+    group: zarr.Group, samples: Sequence[TokenizedSample], plan: ShardPlan, vocab_size: int
+) -> np.ndarray:
+    """`tokens` and the `samples/` tables, all decided by the samples; returns the tokens."""
+    tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])
+    fmt.writable(group, "tokens")[:] = tokens.astype(fmt.id_dtype(vocab_size))
     seq_len = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     tables = {
         "row_start": plan.row_start,
@@ -112,37 +155,73 @@ def open_or_init(
         "prompt_len": np.array([s.prompt_len for s in samples], dtype=np.int64),
     }
     sample_group = group.create_group("samples", overwrite=True)
+    common = {"compressors": fmt.CODECS, "config": fmt.WRITE_EVERY_CHUNK, "overwrite": True}
     for name, values in tables.items():
-        sample_group.create_array(name, data=values, overwrite=True)
-    ids = sample_group.create_array("sample_id", shape=(len(samples),), dtype=str, overwrite=True)
-    ids[:] = np.array([s.sample_id for s in samples], dtype=object)
-    calibration = teacher().score(calibration_samples(samples))
-    calibration_ids = np.concatenate([r.topk_ids for r in calibration])
-    group.create_array(
-        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), overwrite=True
+        sample_group.create_array(name, data=values, **common)
+    ids = sample_group.create_array(
+        "sample_id", shape=(len(samples),), dtype=str, compressors=fmt.CHECKSUM,
+        config=fmt.WRITE_EVERY_CHUNK, overwrite=True,
     )
-    fmt.CacheMeta(
-        key=ingredients.key(),
-        ingredients=ingredients.to_dict(),
-        tool_version=__version__,
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        n_samples=len(samples),
-        n_rows=int(tables["n_rows"].sum()),
-        n_tokens=len(tokens),
-        k=ingredients.k,
-        vocab_size=vocab_size,
-        shard_rows=shard_rows,
-        n_shards=plan.n_shards,
-        complete=False,
-    ).write(group)
-    return group, plan
+    ids[:] = np.array([s.sample_id for s in samples], dtype=object)
+    return tokens
+
+
+def stored_meta(group: zarr.Group, location: str, raw: object, fresh: fmt.CacheMeta
+                ) -> fmt.CacheMeta:
+    """The stored attributes, if they are this cache's. Attributes that fail their checks but
+    still name this cache (by the stored key, or by the hash of the stored ingredients) are
+    restored from `fresh`, keeping their creation time."""
+    raw = raw if isinstance(raw, dict) else {}
+    stored = raw.get("ingredients")
+    names = {raw.get("key"), hash_key(stored) if isinstance(stored, dict) else None}
+    if fresh.key not in names:
+        raise IncompatibleCacheError(
+            f"{location}: holds cache {raw.get('key')}, not {fresh.key}; "
+            "a cache location is tied to its key; move that folder away or change cache.root"
+        )
+    try:
+        meta = fmt.CacheMeta.read(group, location)
+        integrity.check_identity(meta, location)
+        if meta.key == fresh.key:
+            return meta
+        raise DamageError(f"{location}: attribute key {meta.key} is not {fresh.key}")
+    except DamageError as err:
+        log.warning("%s; restoring the attributes", err)
+    kept = {name: raw[name] for name in ("created", "tool_version")
+            if isinstance(raw.get(name), str)}
+    restored = fresh.model_copy(update=kept)
+    restored.write(group)
+    return restored
+
+
+def repair(
+    group: zarr.Group, location: str, meta: fmt.CacheMeta, samples: Sequence[TokenizedSample],
+    plan: ShardPlan, vocab_size: int,
+) -> None:
+    """Check every stored byte; mark damaged row shards to be computed again and rewrite damaged
+    sample tables. A damaged `vocab_rank` or array definition cannot be restored exactly."""
+    damage = integrity.find_damage(group, location, meta, full=True)
+    if not damage:
+        return
+    for d in damage:
+        log.warning("%s; rewriting it", d.line(location))
+    lost = [d for d in damage if d.array == "vocab_rank" or d.file.endswith("zarr.json")]
+    if lost:
+        raise DamageError(f"{lost[0].line(location)}; this cannot be rewritten exactly: move "
+                          f"{location} away and run `akd cache-teacher` again")
+    if any(d.array == "tokens" or d.array in fmt.SAMPLE_ARRAYS for d in damage):
+        write_tables(group, samples, plan, vocab_size)
+    flags = fmt.writable(group, "shard_done")
+    for shard in sorted({d.shard for d in damage if d.shard is not None}):
+        flags[shard] = 0
+    meta.model_copy(update={"complete": False, "stats": None}).write(group)
 
 
 def write_shard(
     group: zarr.Group, plan: ShardPlan, shard: int, rows: Sequence[TeacherRows]
 ) -> None:
     vocab_rank = group["vocab_rank"][:]
-    k = fmt.CacheMeta.read(group).k
+    k = group["rows/ids"].shape[1]
     ids = np.zeros((plan.shard_rows, k), dtype=vocab_rank.dtype)
     codes = np.zeros((plan.shard_rows, k), dtype=np.uint8)
     tail = np.zeros(plan.shard_rows, dtype=np.float32)
@@ -157,11 +236,9 @@ def write_shard(
             enc.ids, enc.codes, enc.tail_logmass, enc.target_logprob
         )
     window = slice(base, base + plan.shard_rows)
-    group["rows/ids"][window] = ids
-    group["rows/codes"][window] = codes
-    group["rows/tail_logmass"][window] = tail
-    group["rows/target_logprob"][window] = target
-    group["shard_done"][shard] = 1
+    for path, values in zip(fmt.ROW_ARRAYS, (ids, codes, tail, target)):
+        fmt.writable(group, path)[window] = values
+    fmt.writable(group, "shard_done")[shard] = 1
 
 
 def worker_shards(n_shards: int, worker_index: int, num_workers: int) -> list[int]:
@@ -219,7 +296,7 @@ def fill(
             group, plan = open_or_init(
                 location, samples, ingredients, vocab_size, shard_rows, teacher
             )
-        if fmt.CacheMeta.read(group).complete:
+        if fmt.CacheMeta.read(group, location).complete:
             return True
         done = group["shard_done"][:]
         todo = [s for s in worker_shards(plan.n_shards, worker_index, num_workers) if not done[s]]
@@ -235,7 +312,7 @@ def fill(
 
 def finalize(group: zarr.Group, location: str) -> bool:
     """Mark the cache complete once every shard is done; the stats go in with the marker."""
-    meta = fmt.CacheMeta.read(group)
+    meta = fmt.CacheMeta.read(group, location)
     if meta.complete:
         return True
     if not group["shard_done"][:].all():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from transformers.trainer_utils import get_last_checkpoint
 
 from akd_cache.config import (
     CacheConfig,
@@ -20,14 +18,21 @@ from akd_cache.config import (
 )
 from akd_cache.errors import CacheError, ConfigError
 from akd_cache.run_settings import discard_if_changed
-from akd_cache.store.reader import CacheDataset, TeacherCache, collate
+from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.akd import BetaController
+from akd_cache.student.cache_data import cache_dataset
+from akd_cache.student.checkpoints import (
+    completed_step,
+    discard_checkpoints,
+    last_complete_checkpoint,
+)
 from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
     DistillationModule,
     DistillTrainer,
     load_beta_state,
+    mean_step_loss,
     peak_memory_mb,
 )
 
@@ -37,10 +42,12 @@ DEFAULT_CACHE = CacheConfig()
 
 def training_data(
     experiment: Experiment, cache_location: str, tokenizer: PreTrainedTokenizerBase,
-    generations: str | None, cache_cfg: CacheConfig,
+    generations: str | None, cache_cfg: CacheConfig, train: TrainConfig,
+    cache_key: str | None = None,
 ) -> tuple[torch.utils.data.Dataset, str]:
-    """The dataset and the key of what it was made from: the logit cache, or for SeqKD the
-    teacher's generated responses (text, so any student tokenizer will do)."""
+    """The dataset and the key of what it was made from: the logit cache (refused unless its
+    key is `cache_key`, when given), or for SeqKD the teacher's generated responses (text, so
+    any student tokenizer will do)."""
     if isinstance(experiment, SeqKD):
         if generations is None:
             raise CacheError(
@@ -49,17 +56,18 @@ def training_data(
         dataset = SeqKDDataset.from_generations(generations, tokenizer, cache_cfg)
         return dataset, Path(generations).name
     cache = TeacherCache(cache_location)
-    cache.check_student(tokenizer)
-    return CacheDataset(cache), cache.key
+    cache.check_student(tokenizer, cache_key)
+    return cache_dataset(cache, experiment, train), cache.key
 
 
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
     out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = DEFAULT_CACHE,
-    teacher: ModelRef | None = None,
+    teacher: ModelRef | None = None, cache_key: str | None = None,
 ) -> dict:
-    """Train (resuming from the last checkpoint in `out` if any), save the student, return the
-    run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s) included.
+    """Train (resuming from the last complete checkpoint in `out` if any), save the student,
+    return the run's metrics: the paper's Table 7 columns (peak memory, wall time, tokens/s)
+    included. train_loss is over every step of the run; wall time and tokens/s over this call.
 
     `teacher` (a resolved path) is loaded only for an online experiment, which still reads the
     cache for its tokens, masks and order."""
@@ -68,7 +76,7 @@ def train_experiment(
         raise ConfigError(f"experiment {name!r} is online: it needs the teacher model")
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     dataset, data_key = training_data(experiment, cache_location, tokenizer, generations,
-                                      cache_cfg)
+                                      cache_cfg, train, cache_key)
     student = load_student(student_path, experiment, train.bf16)
     live_teacher = load_teacher(teacher, train.bf16) if online else None
     schedule = experiment.beta_schedule
@@ -88,18 +96,19 @@ def train_experiment(
         controller=controller,
         log_path=out / "log.jsonl",
     )
-    checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    checkpoint = last_complete_checkpoint(checkpoints)
     if checkpoint:
-        load_beta_state(controller, Path(checkpoint))
+        load_beta_state(controller, checkpoint)
+    trainer.forget_log_after(completed_step(checkpoint) if checkpoint else 0)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
     # under torchrun every rank gets here; one writes, once all have finished with the checkpoints
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         student.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
+        discard_checkpoints(checkpoints)  # the saved model supersedes them
     trainer.accelerator.wait_for_everyone()
     history = [e for e in trainer.state.log_history if "fkl" in e]
     return {
@@ -107,7 +116,7 @@ def train_experiment(
         "method": experiment.method,
         "cache_key": data_key,
         "teacher": "online" if online else "cache",
-        "train_loss": result.training_loss,
+        "train_loss": mean_step_loss(trainer.state.log_history),
         "final_fkl": history[-1]["fkl"] if history else None,
         "final_rkl": history[-1]["rkl"] if history else None,
         "final_beta": controller.beta,

@@ -76,7 +76,7 @@ def training_arguments(
         lr_scheduler_type="constant",
         logging_steps=train.logging_steps,
         save_steps=train.save_steps,
-        save_total_limit=2,
+        save_total_limit=None,  # DistillTrainer rotates: only complete checkpoints count
         bf16=train.bf16,
         seed=train.seed,
         data_seed=train.seed,

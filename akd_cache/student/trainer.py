@@ -6,11 +6,13 @@ whole step unchanged (`torchrun` or `accelerate launch`). An online run is the s
 the live teacher's decoder run beside the student without grad; its data, order and seed are the
 cache run's. beta is updated after every training batch from the batch means of the per-sample
 normalised FKL and RKL, averaged over processes so every rank holds the same beta; its state is
-saved in each checkpoint.
+saved in each checkpoint, which counts only once complete (`checkpoints.py`). Every save step is
+also a logging step, so the log a resumed run continues covers each step exactly once.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import resource
@@ -25,6 +27,13 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from akd_cache.config import DistillationExperiment, Experiment, TrainConfig
 from akd_cache.store.reader import CacheDataset, ShardShuffleSampler
 from akd_cache.student.akd import BetaController, BetaState
+from akd_cache.student.checkpoints import (
+    checkpoint_folder,
+    discard_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+    write_atomically,
+)
 from akd_cache.student.loss import (
     CachedTeacher,
     LiveTeacher,
@@ -37,6 +46,7 @@ BETA_STATE_FILE = "beta_state.pt"
 TRAINING_ARGS_FILE = "training_args.bin"
 ADAPTER_FILE = "adapter_model.safetensors"
 STUDENT_PREFIX = "student."
+SUMMARY_KEY = "train_runtime"  # marks the Trainer's end-of-run summary among the log entries
 EPOCH_EPS = 1e-6
 KIB = 1024
 MIB = 2**20
@@ -128,6 +138,33 @@ class DistillTrainer(Trainer):
         student.save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, Path(output_dir) / TRAINING_ARGS_FILE)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's save into a fresh folder, then beta's state and the completion marker,
+        then rotation over complete checkpoints only (the Trainer's own rotation is off: it
+        would count the folder being written, and sorts by mtime)."""
+        run_dir = Path(self._get_output_dir(trial))
+        folder = checkpoint_folder(run_dir, self.state.global_step)
+        if self.args.should_save and folder.exists():
+            discard_checkpoint(folder)  # a killed save's leftover at this step
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's files (rng states) are written
+        if self.args.should_save:
+            state = io.BytesIO()
+            torch.save(asdict(self.controller.state()), state)
+            mark_complete(folder, self.state.global_step, {BETA_STATE_FILE: state.getvalue()})
+            rotate_checkpoints(run_dir)
+
+    def forget_log_after(self, step: int) -> None:
+        """Drop the log lines of steps after `step`, where a resumed run starts again (and a
+        line torn by a kill), so the log covers each step once."""
+        if not self.is_world_process_zero() or not self.log_path.exists():
+            return
+        lines = self.log_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and _is_step_entry(line, step)]
+        if kept != lines:
+            write_atomically(self.log_path, "".join(kept).encode())
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         student = (model or self.model).student
         folder = Path(resume_from_checkpoint)
@@ -157,6 +194,8 @@ class DistillTrainer(Trainer):
         if self._count:
             logs.update({name: total / self._count for name, total in self._sums.items()})
             self._sums, self._count = {}, 0
+        if SUMMARY_KEY in logs:  # the Trainer's train_loss covers only the steps of this call
+            logs["train_loss"] = mean_step_loss(self.state.log_history)
         elapsed = time.perf_counter() - self._start
         logs.update({
             "beta": self.controller.beta,
@@ -171,8 +210,27 @@ class DistillTrainer(Trainer):
                                     "epoch": self.state.epoch, **logs}) + "\n")
 
 
+def _is_step_entry(line: str, last_step: int) -> bool:
+    entry = json.loads(line)
+    return SUMMARY_KEY not in entry and entry["step"] <= last_step
+
+
+def mean_step_loss(history: list[dict]) -> float:
+    """The training loss averaged over every step of the run, resumed or not (the Trainer's
+    own averages over the steps since the resume). Each logged loss is the mean over the steps
+    since the previous log, so it is weighted by their number; every save step is logged, so a
+    resumed run's entries are an uninterrupted run's."""
+    total, last = 0.0, 0
+    for entry in history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else 0.0
+
+
 class BetaCallback(TrainerCallback):
-    """Resets beta at epoch starts (m3) and keeps its state inside every checkpoint."""
+    """Resets beta at epoch starts (m3) and logs at every save, so a run resumed from a
+    checkpoint logs the same entries (loss, beta) as one never stopped."""
 
     def __init__(self, controller: BetaController) -> None:
         self.controller = controller
@@ -181,10 +239,10 @@ class BetaCallback(TrainerCallback):
         # state.epoch is the epoch index at an epoch start, fractional when resumed mid-epoch
         self.controller.start_epoch(math.floor((state.epoch or 0.0) + EPOCH_EPS))
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.exists():
-            torch.save(asdict(self.controller.state()), folder / BETA_STATE_FILE)
+    def on_step_end(self, args, state, control, **kwargs):
+        # runs after the Trainer's DefaultFlowCallback has decided whether this step saves
+        if control.should_save:
+            control.should_log = True
 
 
 def load_beta_state(controller: BetaController, checkpoint: Path) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import DroppedRow, Example
 from akd_cache.data.tokenize import tokenize_split
+from akd_cache.errors import CacheError
 from akd_cache.models.resolve import resolve_model
 from akd_cache.models.vocab import check_top_k, model_vocab_size
 from akd_cache.store.key import CacheIngredients, samples_sha256
@@ -25,6 +26,8 @@ from akd_cache.teacher.identity import teacher_identity
 
 if TYPE_CHECKING:
     from akd_cache.teacher.ray_pool import RaySettings
+
+Split = Literal["train", "heldout"]
 
 
 def make_ingredients(
@@ -36,12 +39,13 @@ def make_ingredients(
     dataset_sha256: str,
     samples: Sequence[TokenizedSample],
     cache: CacheConfig,
+    split: Split = "train",
 ) -> CacheIngredients:
     return CacheIngredients(
         **teacher_identity(teacher, teacher_path, tokenizer),
         dataset_sha256=dataset_sha256,
         samples_sha256=samples_sha256(list(samples)),
-        split="train",
+        split=split,
         heldout=data.heldout,
         split_seed=data.seed,
         max_train_samples=data.max_train_samples,
@@ -51,6 +55,32 @@ def make_ingredients(
         k=cache.k,
         temperature=cache.temperature,
     )
+
+
+# ingredient -> the setting it comes from, for those that need no model or data to compare
+SETTING_OF_INGREDIENT = {
+    "teacher": "teacher.model", "teacher_revision": "teacher.revision",
+    "teacher_dtype": "teacher.dtype", "heldout": "data.heldout", "split_seed": "data.seed",
+    "max_train_samples": "data.max_train_samples", "template": "cache.template",
+    "max_length": "cache.max_length", "truncation": "cache.truncation", "k": "cache.k",
+    "temperature": "cache.temperature",
+}
+
+
+def check_cache_settings(
+    location: str, ingredients: dict, teacher: TeacherConfig, data: DataConfig,
+    cache: CacheConfig,
+) -> None:
+    """Refuse a cache whose cheap ingredients differ from what the current params would produce
+    (the weights, tokenizer and data checksums need the models and data: `build_cache`)."""
+    sections = {"teacher": teacher, "data": data, "cache": cache}
+    for ingredient, setting in SETTING_OF_INGREDIENT.items():
+        section, name = setting.split(".")
+        ours, theirs = getattr(sections[section], name), ingredients[ingredient]
+        if ours != theirs:
+            raise CacheError(f"{location}: the cache was built with {setting}={theirs!r}, the "
+                             f"params say {ours!r}; run `akd cache-teacher` for the current "
+                             "params")
 
 
 def backend_factory(
@@ -104,19 +134,21 @@ def build_cache(
     worker_index: int = 0,
     num_workers: int = 1,
     break_lock: bool = False,
+    split: Split = "train",
     ray: RaySettings | None = None,
 ) -> BuiltCache:
     """Tokenise `examples` with the teacher's tokenizer, name the cache by its ingredients and
     fill this worker's shards (the teacher loads only if a shard is missing); with `ray`, on
-    teacher actors of a Ray cluster instead of in this process."""
+    teacher actors of a Ray cluster instead of in this process. `split` names which part of the
+    prepared data `examples` are: the held-out cache feeds `akd fidelity`."""
     teacher_path = resolve_model(teacher.model, "teacher.model", teacher.revision)
     vocab_size = model_vocab_size(teacher_path, teacher.revision)
     check_top_k(cache.k, vocab_size, teacher_path)
     tokenizer = load_tokenizer(teacher_path, teacher.revision)
-    split = tokenize_split(tokenizer, examples, cache)
+    tokenized = tokenize_split(tokenizer, examples, cache)
     ingredients = make_ingredients(
         teacher=teacher, teacher_path=teacher_path, tokenizer=tokenizer, data=data,
-        dataset_sha256=dataset_sha256, samples=split.samples, cache=cache,
+        dataset_sha256=dataset_sha256, samples=tokenized.samples, cache=cache, split=split,
     )
     key = ingredients.key()
     location = cache_location(cache.root, key)
@@ -125,12 +157,12 @@ def build_cache(
     if ray is not None:
         from akd_cache.teacher.ray_pool import RayTeacherPool  # ray loads for Ray runs only
 
-        runner = RayTeacherPool(location, split.samples, backend,
+        runner = RayTeacherPool(location, tokenized.samples, backend,
                                 gpu=teacher.device.startswith("cuda"), settings=ray)
         backend = runner.teacher
     complete = fill(
-        location, split.samples, ingredients, max(vocab_size, len(tokenizer)), backend,
+        location, tokenized.samples, ingredients, max(vocab_size, len(tokenizer)), backend,
         shard_rows=cache.shard_tokens, worker_index=worker_index, num_workers=num_workers,
         break_lock=break_lock, shard_runner=runner,
     )
-    return BuiltCache(key, location, complete, len(split.samples), split.dropped)
+    return BuiltCache(key, location, complete, len(tokenized.samples), tokenized.dropped)

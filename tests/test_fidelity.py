@@ -1,0 +1,112 @@
+"""Held-out fidelity against a naive float64 computation, one sample at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
+from akd_cache.data.instructions import Example
+from akd_cache.data.tokenize import tokenize_split
+from akd_cache.evaluation.fidelity import bootstrap_interval, per_sample_fidelity
+from akd_cache.store.reader import TeacherCache
+from akd_cache.store.writer import fill
+from akd_cache.student.loss import topk_divergences
+from akd_cache.teacher.build import make_ingredients
+from akd_cache.teacher.hf_backend import HFTeacher
+
+K = 16
+N_SAMPLES = 5
+T = 2.0
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny_models, codealpaca_rows, tmp_path_factory):
+    teacher = str(tiny_models["llama"])
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
+                for i, r in enumerate(codealpaca_rows[N_SAMPLES : 2 * N_SAMPLES])]
+    cache_cfg = CacheConfig(k=K, max_length=128, temperature=T)
+    split = tokenize_split(tokenizer, examples, cache_cfg)
+    ingredients = make_ingredients(
+        teacher=TeacherConfig(model=teacher), teacher_path=teacher, tokenizer=tokenizer,
+        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
+        cache=cache_cfg,
+    )
+    location = str(tmp_path_factory.mktemp("heldout") / "c")
+    assert fill(location, split.samples, ingredients, len(tokenizer),
+                lambda: HFTeacher(teacher, k=K, temperature=T), shard_rows=1024)
+    return TeacherCache(location), teacher
+
+
+def naive(student, teacher, cache: TeacherCache, index: int) -> dict[str, float]:
+    """One sample, whole-sequence logits in float64, the loss rows picked by position."""
+    sample = cache[index]
+    ids = torch.tensor(sample.input_ids)[None]
+    rows = slice(sample.prompt_len - 1, len(sample.input_ids) - 1)
+    s = student(input_ids=ids).logits[0, rows].double()
+    t = teacher(input_ids=ids).logits[0, rows].double()
+    log_q, log_p = torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1)
+    labels = ids[0, sample.prompt_len :]
+    topk = torch.from_numpy(sample.topk_ids)
+    out = {
+        "fkl": (log_p.exp() * (log_p - log_q)).sum(-1).mean(),
+        "rkl": (log_q.exp() * (log_q - log_p)).sum(-1).mean(),
+        "top1_agreement": (s.argmax(-1) == t.argmax(-1)).double().mean(),
+        "nll": -torch.log_softmax(s, -1).gather(-1, labels[:, None]).mean(),
+        "student_tail_mass": (1 - log_q.gather(-1, topk).exp().sum(-1)).mean(),
+    }
+    for mode in ("bucket", "uniform"):
+        div = topk_divergences(s, topk, torch.from_numpy(sample.topk_logprobs).double(),
+                               torch.from_numpy(sample.tail_logmass).double(), None,
+                               temperature=T, mode=mode)
+        out[f"fkl_{mode}"], out[f"rkl_{mode}"] = div.fkl.mean(), div.rkl.mean()
+    return {name: float(value) for name, value in out.items()}
+
+
+def test_fidelity_equals_a_naive_float64_computation(heldout, tiny_models):
+    cache, teacher_path = heldout
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
+    got = per_sample_fidelity({"s": student}, cache, teacher, temperature=T, batch_size=2,
+                              chunk_positions=17)["s"]
+    with torch.no_grad():
+        want = [naive(student, teacher, cache, i) for i in range(len(cache))]
+    for name, values in got.items():
+        np.testing.assert_allclose(values, [w[name] for w in want], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    assert got["fkl"].min() > 0.01  # a random student is far from the teacher
+
+
+def test_the_teacher_against_itself_is_at_zero(heldout):
+    cache, teacher_path = heldout
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    got = per_sample_fidelity({"t": teacher}, cache, teacher, temperature=T)["t"]
+    np.testing.assert_allclose(got["fkl"], 0, atol=1e-5)
+    np.testing.assert_allclose(got["rkl"], 0, atol=1e-5)
+    np.testing.assert_array_equal(got["top1_agreement"], 1.0)
+
+
+def test_without_a_teacher_only_the_cache_view_is_computed(heldout, tiny_models):
+    cache, _ = heldout
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
+    got = per_sample_fidelity({"s": student}, cache, None, temperature=T)["s"]
+    assert "fkl" not in got and "fkl_bucket" in got and "nll" in got
+
+
+def test_a_temperature_other_than_the_cache_is_refused(heldout, tiny_models):
+    cache, _ = heldout
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
+    with pytest.raises(ValueError, match="temperature 2.0"):
+        per_sample_fidelity({"s": student}, cache, None, temperature=1.0)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_samples():
+    rng = np.random.default_rng(1)
+    small = bootstrap_interval(rng.normal(3.0, 1.0, 20))
+    large = bootstrap_interval(rng.normal(3.0, 1.0, 2000))
+    assert small.ci_low < small.mean < small.ci_high
+    assert large.ci_high - large.ci_low < (small.ci_high - small.ci_low) / 5
+    assert large.ci_low < 3.0 < large.ci_high
