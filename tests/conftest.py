@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,35 @@ def smollm2_dir() -> Path:
     from akd_cache.models.smollm2 import ensure_smollm2
 
     return ensure_smollm2(REPO / "storage" / "models" / "smollm2-135m-instruct")
+
+
+S3_BUCKET = "bucket"
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint, moto's server, with one bucket; s3fs (and botocore, DVC, any child
+    process) reach it through the standard AWS_* variables, AWS_ENDPOINT_URL among them."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {**FAKE_AWS, "AWS_ENDPOINT_URL": url}.items():
+            mp.setenv(name, value)
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield url
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

@@ -1,9 +1,16 @@
 """One writer per (cache, worker slot): a lock file that a second writer is refused on.
 
-On a local filesystem the lock is created atomically (O_EXCL) and holds the host and pid, so a
-lock left by a killed writer on this host is recognised as stale and taken over: resuming after
-kill -9 needs no manual step. On a remote fsspec store there is no atomic create and no way to
-see the other process: the lock is best effort, and a stale one is removed with `break_lock`.
+The lock is created atomically and holds the host and pid of its writer, so a lock left by a
+killed writer on this host is recognised as stale and taken over: resuming after kill -9 needs
+no manual step. A lock of a writer on another host cannot be checked; if that writer is gone,
+`break_lock` removes it.
+
+Atomic create: on a local filesystem `O_EXCL`; on an object store, which has no atomic rename,
+a conditional write (`fs.pipe_file(..., mode="create")`). s3fs sends that as a PUT with
+`If-None-Match: *`, which S3 (since 2024-08) and moto answer with 412 when the object exists,
+so of two writers racing for one lock exactly one gets it (tests/test_s3_cache.py checks this against
+moto). Filesystems without conditional writes fall back to fsspec's check-then-write, which a
+race between two writers starting at the same instant can slip through.
 """
 
 from __future__ import annotations
@@ -47,8 +54,7 @@ class WriterLock:
         self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
 
     def _stale(self, holder: dict) -> bool:
-        local = isinstance(self.fs, LocalFileSystem)
-        return local and holder.get("host") == self.owner["host"] and not _alive(holder["pid"])
+        return holder.get("host") == self.owner["host"] and not _alive(holder["pid"])
 
     def __enter__(self) -> Self:
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
@@ -60,10 +66,8 @@ class WriterLock:
                     fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                     with os.fdopen(fd, "wb") as f:
                         f.write(body)
-                elif self.fs.exists(self.path):
-                    raise FileExistsError(self.path)
                 else:
-                    self.fs.pipe_file(self.path, body)
+                    self.fs.pipe_file(self.path, body, mode="create")
                 return self
             except FileExistsError:
                 holder = json.loads(self.fs.cat_file(self.path) or b"{}")

@@ -46,6 +46,9 @@ def cache_stats(group: zarr.Group, location: str) -> fmt.CacheStats:
         hist += np.histogram(log10_tail, bins=TAIL_HIST_EDGES)[0]
     n = int(mask.sum())
     fs, root = fsspec.core.url_to_fs(location)
+    # s3fs caches listings per process (for a path, not below it): one made before this run's
+    # writes, by a resume's damage scan, lacks the objects written since
+    fs.invalidate_cache()
     row_bytes = int(fs.du(f"{root.rstrip('/')}/rows"))
     return fmt.CacheStats(
         rows=n,

@@ -247,6 +247,30 @@ def worker_shards(n_shards: int, worker_index: int, num_workers: int) -> list[in
     return list(range(worker_index, n_shards, num_workers))
 
 
+def fill_shard(
+    group: zarr.Group,
+    plan: ShardPlan,
+    shard: int,
+    samples: Sequence[TokenizedSample],
+    teacher: TeacherBackend,
+    progress: Callable[[int], object] = lambda rows: None,
+) -> None:
+    """Score one shard's samples, in the batches every run uses, and write the shard whole: any
+    process holding the samples can do it alone, so a shard is the unit workers share out."""
+    members = [samples[i] for i in plan.samples_in(shard)]
+    rows: list[TeacherRows] = []
+    for start in range(0, len(members), SCORE_BATCH_SAMPLES):
+        batch = members[start : start + SCORE_BATCH_SAMPLES]
+        rows.extend(teacher.score(batch))
+        progress(sum(s.n_loss_rows for s in batch))
+    write_shard(group, plan, shard, rows)
+
+
+ShardRunner = Callable[[ShardPlan, list[int]], None]
+"""Fills the given shards of the cache being filled (each with `fill_shard`), elsewhere than in
+this process: `teacher.ray_pool.RayTeacherPool` runs them on Ray actors."""
+
+
 def fill(
     location: str,
     samples: Sequence[TokenizedSample],
@@ -257,11 +281,13 @@ def fill(
     worker_index: int = 0,
     num_workers: int = 1,
     break_lock: bool = False,
+    shard_runner: ShardRunner | None = None,
 ) -> bool:
     """Compute this worker's missing shards; finalize when every shard is done. True if complete.
 
     `backend` is a factory, called at most once, so a cache that is already full never loads the
-    teacher. Workers starting together wait for whichever of them initialises the cache.
+    teacher. Workers starting together wait for whichever of them initialises the cache. With a
+    `shard_runner` the shards are filled by it, while this process holds the lock and finalizes.
     """
     teacher = functools.cache(backend)
     lock_name = f"worker-{worker_index}-of-{num_workers}"
@@ -274,17 +300,13 @@ def fill(
             return True
         done = group["shard_done"][:]
         todo = [s for s in worker_shards(plan.n_shards, worker_index, num_workers) if not done[s]]
-        if todo:
+        if todo and shard_runner is not None:
+            shard_runner(plan, todo)
+        elif todo:
             total = sum(samples[i].n_loss_rows for s in todo for i in plan.samples_in(s))
             with tqdm(total=total, unit="tok", desc=f"teacher cache {lock_name}") as bar:
                 for shard in todo:
-                    members = [samples[i] for i in plan.samples_in(shard)]
-                    rows: list[TeacherRows] = []
-                    for start in range(0, len(members), SCORE_BATCH_SAMPLES):
-                        batch = members[start : start + SCORE_BATCH_SAMPLES]
-                        rows.extend(teacher().score(batch))
-                        bar.update(sum(s.n_loss_rows for s in batch))
-                    write_shard(group, plan, shard, rows)
+                    fill_shard(group, plan, shard, samples, teacher(), bar.update)
         return finalize(group, location)
 
 

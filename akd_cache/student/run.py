@@ -103,9 +103,13 @@ def train_experiment(
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
-    student.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    discard_checkpoints(checkpoints)  # the saved model supersedes them
+    # under torchrun every rank gets here; one writes, once all have finished with the checkpoints
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        student.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        discard_checkpoints(checkpoints)  # the saved model supersedes them
+    trainer.accelerator.wait_for_everyone()
     history = [e for e in trainer.state.log_history if "fkl" in e]
     return {
         "experiment": name,

@@ -85,5 +85,8 @@ def training_arguments(
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         disable_tqdm=False,
+        # accelerate runs several CPU processes (torchrun, gloo) as one job only when told the
+        # run is on CPU; otherwise every rank trains alone on all the data
+        use_cpu=not torch.cuda.is_available(),
         **method_args,
     )

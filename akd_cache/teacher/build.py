@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -23,6 +23,9 @@ from akd_cache.store.key import CacheIngredients, samples_sha256
 from akd_cache.store.rows import TeacherBackend, TokenizedSample
 from akd_cache.store.writer import fill
 from akd_cache.teacher.identity import teacher_identity
+
+if TYPE_CHECKING:
+    from akd_cache.teacher.ray_pool import RaySettings
 
 Split = Literal["train", "heldout"]
 
@@ -132,10 +135,12 @@ def build_cache(
     num_workers: int = 1,
     break_lock: bool = False,
     split: Split = "train",
+    ray: RaySettings | None = None,
 ) -> BuiltCache:
     """Tokenise `examples` with the teacher's tokenizer, name the cache by its ingredients and
-    fill this worker's shards (the teacher loads only if a shard is missing). `split` names which
-    part of the prepared data `examples` are: the held-out cache feeds `akd fidelity`."""
+    fill this worker's shards (the teacher loads only if a shard is missing); with `ray`, on
+    teacher actors of a Ray cluster instead of in this process. `split` names which part of the
+    prepared data `examples` are: the held-out cache feeds `akd fidelity`."""
     teacher_path = resolve_model(teacher.model, "teacher.model", teacher.revision)
     vocab_size = model_vocab_size(teacher_path, teacher.revision)
     check_top_k(cache.k, vocab_size, teacher_path)
@@ -147,9 +152,17 @@ def build_cache(
     )
     key = ingredients.key()
     location = cache_location(cache.root, key)
+    backend = backend_factory(teacher, teacher_path, cache)
+    runner = None
+    if ray is not None:
+        from akd_cache.teacher.ray_pool import RayTeacherPool  # ray loads for Ray runs only
+
+        runner = RayTeacherPool(location, tokenized.samples, backend,
+                                gpu=teacher.device.startswith("cuda"), settings=ray)
+        backend = runner.teacher
     complete = fill(
-        location, tokenized.samples, ingredients, max(vocab_size, len(tokenizer)),
-        backend_factory(teacher, teacher_path, cache), shard_rows=cache.shard_tokens,
-        worker_index=worker_index, num_workers=num_workers, break_lock=break_lock,
+        location, tokenized.samples, ingredients, max(vocab_size, len(tokenizer)), backend,
+        shard_rows=cache.shard_tokens, worker_index=worker_index, num_workers=num_workers,
+        break_lock=break_lock, shard_runner=runner,
     )
     return BuiltCache(key, location, complete, len(tokenized.samples), tokenized.dropped)
