@@ -103,7 +103,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             location = f"{tmp}/cache"
             start = time.perf_counter()
-            fill(location, samples, ingredients, vocab, lambda: Replay(rows),
+            fill(location, samples, ingredients, vocab, lambda rows=rows: Replay(rows),
                  shard_rows=SHARD_ROWS)
             fill_seconds = time.perf_counter() - start
             start = time.perf_counter()

@@ -177,10 +177,10 @@ def tokenizer(tiny_models):
 def test_tokenization_masks_exactly_the_response_and_eos(tokenizer):
     example = Example("s", "Reverse a string.", "", "return s[::-1]")
     sample = tokenize_example(tokenizer, example, "alpaca", 512, "truncate_response")
-    prompt = tokenizer("".join([
-        "Below is an instruction that describes a task. Write a response that appropriately ",
-        "completes the request.### Instruction:\nReverse a string.\n### Input:\n### Response:",
-    ]))["input_ids"]
+    prompt = tokenizer(
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.### Instruction:\nReverse a string.\n### Input:\n### Response:"
+    )["input_ids"]
     response = tokenizer("return s[::-1]", add_special_tokens=False)["input_ids"]
     assert sample.input_ids == prompt + response + [tokenizer.eos_token_id]
     assert sample.prompt_len == len(prompt)

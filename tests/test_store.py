@@ -270,9 +270,9 @@ def test_rerun_of_a_complete_cache_never_loads_the_teacher(setup, reference_cach
 def test_a_second_writer_is_refused(tmp_path):
     location = str(tmp_path / "cache")
     with WriterLock(location, "worker-0-of-1"):
-        with pytest.raises(CacheLockedError, match="another writer"):
-            with WriterLock(location, "worker-0-of-1"):
-                pass
+        with (pytest.raises(CacheLockedError, match="another writer"),
+              WriterLock(location, "worker-0-of-1")):
+            pass
         with WriterLock(location, "worker-1-of-2"):
             pass
 

@@ -37,7 +37,7 @@ MAX_LENGTH = 512
 TOL = 1e-4
 TIE = 1e-5
 GENERATED_TOKENS = 24
-ENGINE_KWARGS = dict(enforce_eager=True, kv_cache_memory_bytes=64 * 2**20)
+ENGINE_KWARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 * 2**20}
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_close_stops_the_engine(engines):
         engine_processes += [c for p in engine_processes for c in p.children(recursive=True)]
         assert len(engine_processes) >= 2  # the engine core and its worker
     assert teacher.llm is None
-    gone, alive = psutil.wait_procs(engine_processes, timeout=15)
+    _, alive = psutil.wait_procs(engine_processes, timeout=15)
     assert not alive
     teacher.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):

@@ -36,7 +36,7 @@ import inspect
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -157,7 +157,7 @@ class VLLMTeacher:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
 
-    def __enter__(self) -> VLLMTeacher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
