@@ -23,9 +23,9 @@ from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 from akd_cache.config import MiniLLM, ModelRef, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
-from akd_cache.data.tokenize import tokenizer_fingerprint
 from akd_cache.errors import ConfigError
 from akd_cache.run_settings import discard_if_changed
+from akd_cache.store.key import tokenizer_fingerprint
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import peak_memory_mb
 from akd_cache.teacher.generate import prompts_sha256
