@@ -202,6 +202,12 @@ class HFGenerator:
         return [finish(t, e, stops) for t, e in zip(texts, hit_eos.tolist(), strict=True)]
 
 
+def run_vllm(llm: Any, prompts: Sequence[Any], params: Any) -> list[Any]:
+    """The one call into a vLLM engine's `generate`: completions here, and Stage 1's prompt
+    log-probs, which vLLM serves only through `generate` (with one sampled token)."""
+    return llm.generate(list(prompts), params, use_tqdm=False)
+
+
 class VLLMGenerator:
     """vLLM's offline engine (`llm`, a `vllm.LLM`), with the literal stops and the special-token
     stops in `SamplingParams`. `start` builds an engine; it runs in spawned processes, so build
@@ -240,7 +246,7 @@ class VLLMGenerator:
         )
         for start in range(0, len(prompts), VLLM_CHUNK_PROMPTS):
             chunk = list(prompts[start : start + VLLM_CHUNK_PROMPTS])
-            for offset, request in enumerate(self.llm.generate(chunk, params, use_tqdm=False)):
+            for offset, request in enumerate(run_vllm(self.llm, chunk, params)):
                 for out in request.outputs:
                     ended = out.finish_reason != "length"
                     yield start + offset, finish(out.text, ended, text_stops)

@@ -41,6 +41,7 @@ from typing import Any, Self
 import numpy as np
 
 from akd_cache.errors import ModelError
+from akd_cache.generation import run_vllm
 from akd_cache.store.rows import TeacherRows, TokenizedSample, tail_from_topk
 
 # `config.logit_scale` read from a config object in a vLLM model file, e.g.
@@ -141,10 +142,9 @@ class VLLMTeacher:
                     f"{s.sample_id}: {len(s.input_ids)} tokens; vLLM needs max_model_len > "
                     f"the sample length (the engine has {self.max_model_len})"
                 )
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(s.input_ids)) for s in samples],
+        outputs = run_vllm(
+            self.llm, [TokensPrompt(prompt_token_ids=list(s.input_ids)) for s in samples],
             self.sampling_params,
-            use_tqdm=False,
         )
         return [
             unpack_prompt_logprobs(out.prompt_logprobs, s, self.k)
