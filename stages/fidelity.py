@@ -25,6 +25,7 @@ from akd_cache.evaluation.fidelity import per_sample_fidelity, summarise
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.reader import TeacherCache
 from akd_cache.teacher.build import check_cache_settings
+from akd_cache.teacher.hf_backend import DTYPES
 from stages.common import (
     FIDELITY_DIR,
     HELDOUT_CACHE_POINTER,
@@ -34,7 +35,6 @@ from stages.common import (
 )
 
 UNTRAINED = "student"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_paths(params: Params, names: list[str] | None) -> dict[str, str]:

@@ -5,17 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_models import fill_tiny_cache
+from transformers import AutoModelForCausalLM
 
-from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
-from akd_cache.data.instructions import Example
-from akd_cache.data.tokenize import tokenize_split
+from akd_cache.config import CacheConfig
 from akd_cache.evaluation.fidelity import bootstrap_interval, per_sample_fidelity
 from akd_cache.store.reader import TeacherCache
-from akd_cache.store.writer import fill
 from akd_cache.student.loss import topk_divergences
-from akd_cache.teacher.build import make_ingredients
-from akd_cache.teacher.hf_backend import HFTeacher
 
 K = 16
 N_SAMPLES = 5
@@ -25,19 +21,9 @@ T = 2.0
 @pytest.fixture(scope="module")
 def heldout(tiny_models, codealpaca_rows, tmp_path_factory):
     teacher = str(tiny_models["llama"])
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
-                for i, r in enumerate(codealpaca_rows[N_SAMPLES : 2 * N_SAMPLES])]
-    cache_cfg = CacheConfig(k=K, max_length=128, temperature=T)
-    split = tokenize_split(tokenizer, examples, cache_cfg)
-    ingredients = make_ingredients(
-        teacher=TeacherConfig(model=teacher), teacher_path=teacher, tokenizer=tokenizer,
-        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
-        cache=cache_cfg,
-    )
     location = str(tmp_path_factory.mktemp("heldout") / "c")
-    assert fill(location, split.samples, ingredients, len(tokenizer),
-                lambda: HFTeacher(teacher, k=K, temperature=T), shard_rows=1024)
+    fill_tiny_cache(teacher, codealpaca_rows[N_SAMPLES : 2 * N_SAMPLES],
+                    CacheConfig(k=K, max_length=128, temperature=T), location)
     return TeacherCache(location), teacher
 
 

@@ -13,19 +13,16 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import fill_tiny_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import akd_cache.student.run as run_module
-from akd_cache.config import AKD, KD, CacheConfig, DataConfig, ModelRef, TeacherConfig, TrainConfig
-from akd_cache.data.instructions import Example
-from akd_cache.data.tokenize import tokenize_split
+from akd_cache.config import AKD, KD, CacheConfig, ModelRef, TrainConfig
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.store.rows import TokenizedSample
-from akd_cache.store.writer import fill
 from akd_cache.student.loss import LiveTeacher, LossSettings, distillation_loss
 from akd_cache.student.run import train_experiment
 from akd_cache.student.trainer import DistillationModule
-from akd_cache.teacher.build import make_ingredients
 from akd_cache.teacher.hf_backend import HFTeacher
 
 F64 = torch.float64
@@ -43,20 +40,10 @@ WEIGHT_ATOL = 2e-5
 def full_cache(tiny_models, codealpaca_rows, tmp_path_factory):
     """A GPTBigCode teacher's cache with k = V, the Llama student sharing its tokenizer."""
     teacher = str(tiny_models["gpt_bigcode"])
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    vocab = len(tokenizer)
-    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
-                for i, r in enumerate(codealpaca_rows[:N_SAMPLES])]
-    cache_cfg = CacheConfig(k=vocab, max_length=128)
-    split = tokenize_split(tokenizer, examples, cache_cfg)
-    ingredients = make_ingredients(
-        teacher=TeacherConfig(model=teacher), teacher_path=teacher, tokenizer=tokenizer,
-        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
-        cache=cache_cfg,
-    )
+    vocab = len(AutoTokenizer.from_pretrained(teacher))
     location = str(tmp_path_factory.mktemp("cache") / "c")
-    assert fill(location, split.samples, ingredients, vocab,
-                lambda: HFTeacher(teacher, k=vocab), shard_rows=1024)
+    fill_tiny_cache(teacher, codealpaca_rows[:N_SAMPLES], CacheConfig(k=vocab, max_length=128),
+                    location, vocab)
     return location, str(tiny_models["llama"]), teacher
 
 

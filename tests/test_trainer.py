@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import fill_tiny_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.config import (
@@ -15,21 +16,16 @@ from akd_cache.config import (
     RKD,
     SFT,
     CacheConfig,
-    DataConfig,
     LoraSettings,
     SeqKD,
     TeacherConfig,
     TrainConfig,
 )
 from akd_cache.data.instructions import Example
-from akd_cache.data.tokenize import tokenize_split
 from akd_cache.store.reader import TeacherCache, collate
-from akd_cache.store.writer import fill
 from akd_cache.student.loss import topk_divergences
 from akd_cache.student.run import train_experiment
 from akd_cache.student.trainer import DistillationModule, DistillTrainer
-from akd_cache.teacher.build import make_ingredients
-from akd_cache.teacher.hf_backend import HFTeacher
 
 K = 16
 N_SAMPLES = 8
@@ -39,19 +35,9 @@ N_SAMPLES = 8
 def cache_and_student(tiny_models, codealpaca_rows, tmp_path_factory):
     """A llama teacher's cache; the student is the GPTBigCode model with the same tokenizer."""
     teacher = str(tiny_models["llama"])
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
-                for i, r in enumerate(codealpaca_rows[:N_SAMPLES])]
-    cache_cfg = CacheConfig(k=K, max_length=128)
-    split = tokenize_split(tokenizer, examples, cache_cfg)
-    ingredients = make_ingredients(
-        teacher=TeacherConfig(model=teacher), teacher_path=teacher, tokenizer=tokenizer,
-        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
-        cache=cache_cfg,
-    )
     location = str(tmp_path_factory.mktemp("cache") / "c")
-    assert fill(location, split.samples, ingredients, len(tokenizer),
-                lambda: HFTeacher(teacher, k=K), shard_rows=1024)
+    fill_tiny_cache(teacher, codealpaca_rows[:N_SAMPLES], CacheConfig(k=K, max_length=128),
+                    location)
     return location, str(tiny_models["gpt_bigcode"])
 
 

@@ -70,3 +70,29 @@ def save_tiny(arch: Arch, texts: Iterable[str], out: Path, vocab_size: int = 512
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def fill_tiny_cache(teacher: str, rows: list[dict], cache_cfg, location: str,
+                    vocab_size: int | None = None) -> None:
+    """A complete Stage 1 cache of `rows` (CodeAlpaca dicts) from the hf backend, for tests."""
+    from transformers import AutoTokenizer
+
+    from akd_cache.config import DataConfig, TeacherConfig
+    from akd_cache.data.instructions import Example
+    from akd_cache.data.tokenize import tokenize_split
+    from akd_cache.store.writer import fill
+    from akd_cache.teacher.build import make_ingredients
+    from akd_cache.teacher.hf_backend import HFTeacher
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
+                for i, r in enumerate(rows)]
+    split = tokenize_split(tokenizer, examples, cache_cfg)
+    ingredients = make_ingredients(
+        teacher=TeacherConfig(model=teacher), teacher_path=teacher, tokenizer=tokenizer,
+        data=DataConfig(dataset="x.json"), dataset_sha256="0" * 64, samples=split.samples,
+        cache=cache_cfg,
+    )
+    backend = lambda: HFTeacher(teacher, k=cache_cfg.k, temperature=cache_cfg.temperature)
+    assert fill(location, split.samples, ingredients, vocab_size or len(tokenizer), backend,
+                shard_rows=1024)
