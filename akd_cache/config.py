@@ -102,6 +102,11 @@ class TrainConfig(Strict):
     tail_mode: TailMode = "bucket"
     chunk_size: int = Field(1024, gt=0, description="loss positions per lm-head chunk")
     bf16: bool = False
+    dataloader_workers: int = Field(
+        0, ge=0, description="processes that read and decode the cache ahead of the student "
+        "(0: in the training process); the batches and their order do not change (dropout's "
+        "random stream does: PyTorch seeds the workers from it)",
+    )
     seed: int = 0
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)

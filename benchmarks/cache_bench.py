@@ -14,18 +14,20 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import numcodecs
 import numpy as np
 import torch
 from transformers import AutoConfig
+from zarr.codecs import BloscCodec
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import prepare
 from akd_cache.data.tokenize import tokenize_split
 from akd_cache.models.smollm2 import ensure_smollm2
-from akd_cache.store.format import open_cache_group
-from akd_cache.store.reader import ShardShuffleSampler, TeacherCache
+from akd_cache.store import format as fmt
+from akd_cache.store.reader import CacheDataset, ShardShuffleSampler, TeacherCache, collate
 from akd_cache.store.rows import TeacherRows
 from akd_cache.store.stats import cache_stats
 from akd_cache.store.writer import fill
@@ -37,6 +39,12 @@ DATASET = REPO.parent / "shared" / "data" / "codealpaca" / "code_alpaca_2k.json"
 TEACHER = REPO / "storage" / "models" / "smollm2-135m-instruct"
 RAW_BYTES_PER_ENTRY = 2 + 2  # uint16 id + float16 value
 SHARD_ROWS = 16384
+LOADER_BATCH = 8
+# the ids' codec before bit shuffling, kept here as the writer's baseline
+PREVIOUS_ID_CODECS = (
+    BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=fmt.BLOSC_BLOCK_BYTES),
+    fmt.CHECKSUM,
+)
 
 
 def top(rows: TeacherRows, k: int) -> TeacherRows:
@@ -66,10 +74,26 @@ def reconstruction_kl(cache: TeacherCache, rows: dict[str, TeacherRows]) -> np.n
     return np.concatenate(kls)
 
 
+def loader_rows_per_s(cache: TeacherCache, workers: int, epochs: int) -> float:
+    """Loss rows per second through the trainer's DataLoader setup (sampler, collate)."""
+    sampler = ShardShuffleSampler(cache)
+    loader = torch.utils.data.DataLoader(
+        CacheDataset(cache), batch_size=LOADER_BATCH, sampler=sampler, collate_fn=collate,
+        num_workers=workers, persistent_workers=workers > 0,
+    )
+    start = time.perf_counter()
+    rows = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        rows += sum(int(batch["loss_mask"].sum()) for batch in loader)
+    return rows / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--vllm-samples", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=5, help="DataLoader passes")
     args = parser.parse_args()
     teacher_dir = str(ensure_smollm2(TEACHER))
     data = prepare(DataConfig(dataset=str(DATASET), heldout=0))
@@ -89,10 +113,15 @@ def main() -> None:
 
     torch.set_num_threads(1)
     numcodecs.blosc.set_nthreads(1)
-    print("| k | B/token stored | B/token raw (uint16 + fp16) | ratio | mean KL nat/token | "
-          "max KL | writer tok/s | reader tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for k in (64, 16):
+    print("| k | ids codec | B/token stored | B/token raw (uint16 + fp16) | ratio | "
+          "mean KL nat/token | max KL | writer tok/s | reader tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    reader_rows = []
+    for k, id_codecs, codec_name in (
+        (64, PREVIOUS_ID_CODECS, "zstd-3, byte shuffle (before)"),
+        (64, fmt.ID_CODECS, "zstd-1, bit shuffle"),
+        (16, fmt.ID_CODECS, "zstd-1, bit shuffle"),
+    ):
         rows = {sid: top(r, k) for sid, r in rows64.items()}
         cache_cfg = CacheConfig(k=k)
         ingredients = make_ingredients(
@@ -100,14 +129,14 @@ def main() -> None:
             tokenizer=tokenizer, data=DataConfig(dataset=str(DATASET), heldout=0),
             dataset_sha256=data.content_sha256, samples=samples, cache=cache_cfg,
         )
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, patch.object(fmt, "ID_CODECS", id_codecs):
             location = f"{tmp}/cache"
             start = time.perf_counter()
             fill(location, samples, ingredients, vocab, lambda rows=rows: Replay(rows),
                  shard_rows=SHARD_ROWS)
             fill_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            cache_stats(open_cache_group(location, "r"), location)
+            cache_stats(fmt.open_cache_group(location, "r"), location)
             write_seconds = fill_seconds - (time.perf_counter() - start)  # without the stats
             cache = TeacherCache(location)
             start = time.perf_counter()
@@ -117,11 +146,21 @@ def main() -> None:
             assert read_rows == n_rows
             kl = reconstruction_kl(cache, rows)
             stats = cache.meta.stats
-        print(f"| {k} | {stats.bytes_per_row:.1f} | {k * RAW_BYTES_PER_ENTRY} | "
+            if k == 64 and id_codecs is fmt.ID_CODECS:
+                reader_rows = [(workers, loader_rows_per_s(cache, workers, args.epochs))
+                               for workers in (0, 1, 2)]
+        print(f"| {k} | {codec_name} | {stats.bytes_per_row:.1f} | {k * RAW_BYTES_PER_ENTRY} | "
               f"{k * RAW_BYTES_PER_ENTRY / stats.bytes_per_row:.2f}x | {kl.mean():.2e} | "
               f"{kl.max():.2e} | {n_rows / write_seconds:,.0f} | {n_rows / read_seconds:,.0f} |")
     print("\nWriter: init, encoding and shard writes, without the finalize statistics pass. "
           "Reader: every sample, decoded, in the trainer's shard-by-shard random order.\n")
+    print(f"Reader through a DataLoader (k = 64, batches of {LOADER_BATCH} collated as the "
+          f"trainer does, {args.epochs} epochs, persistent workers):\n")
+    print("| workers | tok/s | vs 0 workers |")
+    print("|---|---|---|")
+    for workers, speed in reader_rows:
+        print(f"| {workers} | {speed:,.0f} | {speed / reader_rows[0][1]:.2f}x |")
+    print()
 
     torch.set_num_threads(torch.get_num_interop_threads())
     print("| backend | samples | sequence tokens | seconds | tokens/s |")

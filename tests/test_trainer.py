@@ -108,6 +108,30 @@ def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_
     assert resumed["steps"] == straight["steps"] == 4
 
 
+def test_dataloader_workers_change_nothing_but_who_reads(cache_and_student, tmp_path):
+    """Worker processes (forked, each with its own decoded-chunk cache) feed the same batches in
+    the same order: the losses and the trained weights are identical. (The student has no
+    dropout: PyTorch seeds the workers from the global RNG, which moves dropout's stream.)"""
+    location, student = cache_and_student
+    model = AutoModelForCausalLM.from_pretrained(student, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                 attn_pdrop=0.0)
+    model.save_pretrained(tmp_path / "student")
+    AutoTokenizer.from_pretrained(student).save_pretrained(tmp_path / "student")
+    experiment = AKD(beta=0.1)
+    inline = train_experiment(location, str(tmp_path / "student"), experiment, TRAIN,
+                              tmp_path / "a", "x")
+    workers = train_experiment(location, str(tmp_path / "student"), experiment,
+                               TRAIN.model_copy(update={"dataloader_workers": 2}),
+                               tmp_path / "b", "x")
+    weights_a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+    log_a, log_b = ((tmp_path / d / "log.jsonl").read_text() for d in "ab")
+    assert [json.loads(x)["loss"] for x in log_a.splitlines() if "loss" in json.loads(x)] == \
+        [json.loads(x)["loss"] for x in log_b.splitlines() if "loss" in json.loads(x)]
+    assert inline["final_beta"] == workers["final_beta"]
+
+
 def test_m3_resets_beta_at_each_epoch_start_only(cache_and_student, tmp_path):
     train = TrainConfig(batch_size=4, epochs=3, save_steps=100, lr=1e-3)
     run(cache_and_student, tmp_path, AKD(beta=0.3), train)

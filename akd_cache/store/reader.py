@@ -113,29 +113,44 @@ class TeacherCache:
         self._vocab_order[vocab_rank] = np.arange(len(vocab_rank))
         self._arrays = {name: self.group[f"rows/{name}"] for name in
                         ("ids", "codes", "tail_logmass", "target_logprob")}
-        self._tokens = self.group["tokens"]
-        ids = self._arrays["ids"]
-        self._block_rows = ids.chunks[0]
-        self.shard_rows = ids.shards[0]
-        blocks_per_shard = self.shard_rows // self._block_rows
-        self._block = functools.lru_cache(maxsize=len(self._arrays) * blocks_per_shard)(
-            self._read_block
-        )
+        self._arrays["tokens"] = self.group["tokens"]
+        self.shard_rows = self._arrays["ids"].shards[0]
+        row_blocks = self.shard_rows // self._arrays["ids"].chunks[0]
+        self._block = functools.lru_cache(
+            maxsize=(len(self._arrays) - 1) * row_blocks + self._token_blocks_per_shard()
+        )(self._read_block)
+
+    def _token_blocks_per_shard(self) -> int:
+        """Most token chunks any one shard's samples touch (+1 for a range cut by the ends)."""
+        starts, lengths = self._tables["seq_start"], self._tables["seq_len"]
+        if not len(starts):
+            return 1
+        shards = self._tables["row_start"] // self.shard_rows
+        first = np.full(shards.max() + 1, np.iinfo(np.int64).max)
+        last = np.zeros(shards.max() + 1, dtype=np.int64)
+        np.minimum.at(first, shards, starts)
+        np.maximum.at(last, shards, starts + lengths)
+        used = last > 0
+        span = (last[used] - first[used]).max()
+        return int(span) // self._arrays["tokens"].chunks[0] + 2
 
     def _read(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
         return integrity.read_guarded(array, slice(start, stop), self._index, self.location)
 
     def _read_block(self, name: str, block: int) -> np.ndarray:
-        start = block * self._block_rows
-        return self._read(self._arrays[name], start, start + self._block_rows)
+        array = self._arrays[name]
+        size = array.chunks[0]
+        return self._read(array, block * size, min((block + 1) * size, array.shape[0]))
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) through a cache of decoded chunks: zarr decodes a whole chunk per
-        read anyway, and a sample's neighbours are in the same one."""
-        first, last = start // self._block_rows, (stop - 1) // self._block_rows
+        """Entries [start, stop) of a row array or `tokens`, through a cache of decoded chunks:
+        zarr decodes a whole chunk per read anyway (and each read costs ~1 ms of overhead),
+        and a sample's neighbours in the trainer's shard-by-shard order are in the same one."""
+        size = self._arrays[name].chunks[0]
+        first, last = start // size, (stop - 1) // size
         parts = [self._block(name, b) for b in range(first, last + 1)]
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        offset = first * self._block_rows
+        offset = first * size
         return joined[start - offset : stop - offset]
 
     @property
@@ -183,8 +198,8 @@ class TeacherCache:
         tail = self._rows("tail_logmass", start, stop)
         return CachedSample(
             sample_id=str(self.sample_ids[index]),
-            input_ids=self._read(
-                self._tokens, t["seq_start"], t["seq_start"] + t["seq_len"]
+            input_ids=self._rows(
+                "tokens", t["seq_start"], t["seq_start"] + t["seq_len"]
             ).astype(np.int64),
             prompt_len=t["prompt_len"],
             topk_ids=fmt.decode_ids(self._rows("ids", start, stop), self._vocab_order),

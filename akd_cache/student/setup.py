@@ -82,7 +82,8 @@ def training_arguments(
         data_seed=train.seed,
         report_to=[],
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=train.dataloader_workers,
+        dataloader_persistent_workers=train.dataloader_workers > 0,
         dataloader_pin_memory=False,
         disable_tqdm=False,
         # accelerate runs several CPU processes (torchrun, gloo) as one job only when told the
