@@ -18,7 +18,7 @@ from akd_cache.errors import ConfigError
 TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"]
 TruncationPolicy = Literal["truncate_response", "drop"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
-TailMode = Literal["bucket", "renormalize", "uniform"]
+TailMode = Literal["bucket", "renormalize", "uniform", "shape"]
 
 
 class Strict(BaseModel):

@@ -9,6 +9,9 @@ import torch
 
 from akd_cache.student.loss import (
     TAIL_MODES,
+    CachedTeacher,
+    LossSettings,
+    distillation_loss,
     fused_divergence_loss,
     temper_teacher,
     topk_divergences,
@@ -34,6 +37,36 @@ def student_logits(n: int, vocab: int, *, seed: int, scale: float = 2.0) -> torc
     return torch.randn(n, vocab, generator=gen, dtype=F64) * scale
 
 
+def random_log_shape(vocab: int, *, seed: int) -> torch.Tensor:
+    """A random strictly positive tail shape over the vocabulary, as its log [V]."""
+    gen = torch.Generator().manual_seed(seed + 2000)
+    return torch.randn(vocab, generator=gen, dtype=F64) * 2.0
+
+
+def tail_kwargs(mode: str, vocab: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """What a tail mode needs beyond the cached rows: a random tail shape for "shape"."""
+    return {"log_tail_shape": random_log_shape(vocab, seed=seed)} if mode == "shape" else {}
+
+
+def dense_shape_teacher(
+    top_lp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, log_shape: torch.Tensor
+) -> torch.Tensor:
+    """Mode "shape" written out as a dense float64 teacher [n, V]: the top-k values, and the tail
+    mass spread over the other ids in proportion to s (summed directly over those ids)."""
+    n, vocab = ids.shape[0], log_shape.shape[0]
+    in_top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, ids, True)
+    shape = log_shape.to(F64).exp().expand(n, vocab)
+    mass_out = torch.where(in_top, 0.0, shape).sum(-1, keepdim=True)
+    top = torch.zeros(n, vocab, dtype=F64).scatter(-1, ids, top_lp.to(F64).exp())
+    return torch.where(in_top, top, tail.to(F64).exp()[:, None] * shape / mass_out)
+
+
+def dense_kl(p: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable FKL and RKL over the full vocabulary of a strictly positive teacher."""
+    log_p = p.log()
+    return (p * (log_p - log_q)).sum(-1), (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
 def exact_kl(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive FKL and RKL over the full vocabulary with explicit float64 sums, 0 log 0 = 0."""
     fkl = torch.zeros(p.shape[0], dtype=F64)
@@ -49,10 +82,17 @@ def exact_kl(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def naive_mode_kl(
-    p: torch.Tensor, q: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, mode: str
+    p: torch.Tensor,
+    q: torch.Tensor,
+    ids: torch.Tensor,
+    tail: torch.Tensor,
+    mode: str,
+    log_tail_shape: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each tail mode written out as explicit distributions, then the exact KL of those."""
     n, vocab = q.shape
+    if mode == "shape":
+        return exact_kl(dense_shape_teacher(p.gather(-1, ids).log(), ids, tail, log_tail_shape), q)
     top_p = p.gather(-1, ids)
     in_top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, ids, True)
     if mode == "bucket":
@@ -79,7 +119,8 @@ def test_full_vocabulary_topk_is_exact(mode: str, temperature: float) -> None:
     p, ids, top_lp, tail = make_teacher(n, vocab, vocab, seed=0)
     assert torch.isneginf(tail).all()
     logits = student_logits(n, vocab, seed=0)
-    div = topk_divergences(logits, ids, top_lp, tail, None, temperature=temperature, mode=mode)
+    div = topk_divergences(logits, ids, top_lp, tail, None, temperature=temperature, mode=mode,
+                           **tail_kwargs(mode, vocab))
     fkl, rkl = exact_kl(p, (logits / temperature).softmax(-1))
     torch.testing.assert_close(div.fkl, fkl)
     torch.testing.assert_close(div.rkl, rkl)
@@ -91,9 +132,10 @@ def test_each_mode_matches_its_naive_definition(mode: str) -> None:
     n, vocab, k = 5, 13, 4
     p, ids, top_lp, tail = make_teacher(n, vocab, k, seed=1)
     logits = student_logits(n, vocab, seed=1)
-    div = topk_divergences(logits, ids, top_lp, tail, None, temperature=1.5, mode=mode)
+    extra = tail_kwargs(mode, vocab, seed=1)
+    div = topk_divergences(logits, ids, top_lp, tail, None, temperature=1.5, mode=mode, **extra)
     q = (logits / 1.5).softmax(-1)
-    fkl, rkl = naive_mode_kl(p, q, ids, tail, mode)
+    fkl, rkl = naive_mode_kl(p, q, ids, tail, mode, **extra)
     torch.testing.assert_close(div.fkl, fkl)
     torch.testing.assert_close(div.rkl, rkl)
     outside = q.scatter(-1, ids, 0.0).sum(-1).log()
@@ -156,7 +198,8 @@ def test_gradcheck_topk_divergences(mode: str, k: int) -> None:
     mask = torch.tensor([True, False, True])
 
     def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        div = topk_divergences(x, ids, top_lp, tail, mask, temperature=1.7, mode=mode)
+        div = topk_divergences(x, ids, top_lp, tail, mask, temperature=1.7, mode=mode,
+                               **tail_kwargs(mode, vocab, seed=2))
         return div.fkl, div.rkl
 
     assert torch.autograd.gradcheck(fn, (logits,))
@@ -172,7 +215,8 @@ def test_masked_positions_contribute_nothing(mode: str) -> None:
     top_lp[~mask] = math.nan
     tail[~mask] = math.nan
     logits = student_logits(n, vocab, seed=3).requires_grad_()
-    div = topk_divergences(logits, ids, top_lp, tail, mask, mode=mode)
+    div = topk_divergences(logits, ids, top_lp, tail, mask, mode=mode,
+                           **tail_kwargs(mode, vocab, seed=3))
     assert (div.fkl[~mask] == 0).all() and (div.rkl[~mask] == 0).all()
     assert (div.fkl[mask] > 0).all() and (div.rkl[mask] > 0).all()
     (div.fkl + div.rkl).sum().backward()
@@ -199,13 +243,14 @@ def test_leading_batch_dims() -> None:
         torch.testing.assert_close(got.reshape(-1), want)
 
 
-@pytest.mark.parametrize("mode", ["renormalize", "uniform"])
+@pytest.mark.parametrize("mode", ["renormalize", "uniform", "shape"])
 def test_rkl_is_nonnegative(mode: str) -> None:
     for seed in range(4):
         _, ids, top_lp, tail = make_teacher(32, 30, 6, seed=seed, scale=5.0)
         for scale in (0.01, 1.0, 8.0):
             logits = student_logits(32, 30, seed=seed, scale=scale).float()
-            div = topk_divergences(logits, ids, top_lp.float(), tail.float(), None, mode=mode)
+            div = topk_divergences(logits, ids, top_lp.float(), tail.float(), None, mode=mode,
+                                   **tail_kwargs(mode, 30, seed=seed))
             assert (div.rkl >= 0).all() and (div.fkl >= 0).all()
 
 
@@ -215,7 +260,8 @@ def test_empty_teacher_tail_stays_finite() -> None:
     tail = torch.full((4,), -math.inf, dtype=F64)
     logits = student_logits(4, 10, seed=5).requires_grad_()
     for mode in TAIL_MODES:
-        div = topk_divergences(logits, ids, top_lp, tail, None, mode=mode)
+        div = topk_divergences(logits, ids, top_lp, tail, None, mode=mode,
+                               **tail_kwargs(mode, 10, seed=5))
         (div.fkl + div.rkl).sum().backward()
         assert torch.isfinite(div.fkl).all() and torch.isfinite(div.rkl).all()
         assert torch.isfinite(logits.grad).all()
@@ -333,7 +379,8 @@ def test_fused_equals_naive(
     mode: str, chunk_size: int, with_ce: bool, temperature: float, k: int
 ) -> None:
     prob = fused_problem(23, 40, 8, k, seed=9)
-    kwargs = {"temperature": temperature, "mode": mode, "t2_scale": True}
+    kwargs = {"temperature": temperature, "mode": mode, "t2_scale": True,
+              **tail_kwargs(mode, 40, seed=9)}
     leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
     loss, fkl, rkl = naive_loss(prob, *leaves, with_ce=with_ce, **kwargs)
     loss.backward()
@@ -403,7 +450,8 @@ def fused_gradcheck(prob: dict[str, torch.Tensor], wrt: int, **kwargs: object) -
 def test_fused_gradcheck(mode: str, temperature: float) -> None:
     # Masked positions included; T = 1 shares the softmax with the CE term, T != 1 does not.
     prob = fused_problem(5, 7, 2, 3, seed=11)
-    assert fused_gradcheck(prob, 3, mode=mode, temperature=temperature, t2_scale=True)
+    assert fused_gradcheck(prob, 3, mode=mode, temperature=temperature, t2_scale=True,
+                           **tail_kwargs(mode, 7, seed=11))
 
 
 def test_fused_gradcheck_coefficients() -> None:
@@ -461,3 +509,173 @@ def test_fused_leading_batch_dims() -> None:
     torch.testing.assert_close(got, flat)
     assert div.fkl.shape == (b, s)
     torch.testing.assert_close(div.rkl.reshape(-1), flat_div.rkl)
+
+
+def test_shape_hand_worked_example() -> None:
+    # The V = 4 example of test_hand_worked_example with s = (5, 7, 1, 3): the tail 1/4 goes to
+    # ids 2 and 3 as 1/16 and 3/16 (ids 0 and 1 are the top-k, their s plays no part), so
+    # p = (1/2, 1/4, 1/16, 3/16) against q = (1/2, 1/8, 1/4, 1/8):
+    #   FKL = 1/4 ln 2 + 1/16 ln(1/4) + 3/16 ln(3/2)
+    #   RKL = 1/8 ln(1/2) + 1/4 ln 4 + 1/8 ln(2/3)
+    logits = torch.tensor([[0.5, 0.125, 0.25, 0.125]], dtype=F64).log() - 3.0
+    ids = torch.tensor([[0, 1]])
+    top_lp = torch.tensor([[0.5, 0.25]], dtype=F64).log()
+    tail = torch.tensor([0.25], dtype=F64).log()
+    log_shape = torch.tensor([5.0, 7.0, 1.0, 3.0], dtype=F64).log()
+    div = topk_divergences(logits, ids, top_lp, tail, None, mode="shape", log_tail_shape=log_shape)
+    fkl = 0.25 * math.log(2) + math.log(0.25) / 16 + 3 / 16 * math.log(1.5)
+    rkl = 0.125 * math.log(0.5) + 0.25 * math.log(4) + 0.125 * math.log(2 / 3)
+    assert div.fkl.item() == pytest.approx(fkl, rel=1e-12)
+    assert div.rkl.item() == pytest.approx(rkl, rel=1e-12)
+
+
+def skewed_shape_problem(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A fused problem and a random tail shape under which the first active row's top-k ids hold
+    all but ~1e-10 of s (its W_out would vanish in a total-minus-top-k difference)."""
+    prob = fused_problem(23, 40, 8, 5, seed=seed)
+    log_shape = random_log_shape(40, seed=seed) - 30.0
+    row = int(prob["mask"].nonzero()[0])
+    log_shape[prob["ids"][row]] = random_log_shape(5, seed=seed + 1)
+    shape = log_shape.exp()
+    in_top = torch.zeros(40, dtype=torch.bool)
+    in_top[prob["ids"][row]] = True
+    assert shape[~in_top].sum() / shape.sum() < 1e-9
+    return prob, log_shape
+
+
+def dense_shape_objective(
+    prob: dict[str, torch.Tensor],
+    log_shape: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused loss (KL terms + CE at T = 1) against the explicit dense shape teacher."""
+    logits = hidden @ weight.T + bias
+    p = dense_shape_teacher(prob["top_lp"], prob["ids"], prob["tail"], log_shape)
+    fkl, rkl = dense_kl(p, (logits / temperature).log_softmax(-1))
+    fkl = torch.where(prob["mask"], fkl, 0.0)
+    rkl = torch.where(prob["mask"], rkl, 0.0)
+    targets = prob["targets"].clamp_min(0)
+    nll = logits.logsumexp(-1) - logits.gather(-1, targets[:, None])[:, 0]
+    loss = (prob["fkl_coef"] * fkl + prob["rkl_coef"] * rkl + prob["ce_coef"] * nll).sum()
+    return loss, fkl, rkl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_shape_mode_equals_a_dense_teacher(temperature: float) -> None:
+    prob, log_shape = skewed_shape_problem(seed=15)
+    leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    loss, fkl, rkl = dense_shape_objective(prob, log_shape, *leaves, temperature)
+    loss.backward()
+    want_grads = [leaf.grad for leaf in leaves]
+
+    # only ratios of s matter: a shifted log shape is the same shape
+    shifted = {"mode": "shape", "log_tail_shape": log_shape + 7.0, "temperature": temperature}
+    leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    got, div = run_fused(prob, *leaves, with_ce=True, chunk_size=7, **shifted)
+    got.backward()
+    torch.testing.assert_close(got, loss)
+    torch.testing.assert_close(div.fkl, fkl)
+    torch.testing.assert_close(div.rkl, rkl)
+    for leaf, want in zip(leaves, want_grads, strict=True):
+        torch.testing.assert_close(leaf.grad, want)
+
+    # topk_divergences on the same logits, with padding garbage in the masked rows
+    mask = prob["mask"]
+    logits = (prob["hidden"] @ prob["weight"].T + prob["bias"]).requires_grad_()
+    log_q = (logits / temperature).log_softmax(-1)
+    p = dense_shape_teacher(prob["top_lp"], prob["ids"], prob["tail"], log_shape)
+    want_fkl, want_rkl = (torch.where(mask, kl, 0.0) for kl in dense_kl(p, log_q))
+    (want_fkl + 2 * want_rkl).sum().backward()
+    want_grad, logits.grad = logits.grad, None
+    ids, top_lp, tail = prob["ids"].clone(), prob["top_lp"].clone(), prob["tail"].clone()
+    ids[~mask], top_lp[~mask], tail[~mask] = -100, math.nan, math.nan
+    div = topk_divergences(logits, ids, top_lp, tail, mask, **shifted)
+    (div.fkl + 2 * div.rkl).sum().backward()
+    torch.testing.assert_close(div.fkl, want_fkl)
+    torch.testing.assert_close(div.rkl, want_rkl)
+    torch.testing.assert_close(logits.grad, want_grad)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_constant_shape_equals_uniform(temperature: float) -> None:
+    prob = fused_problem(23, 40, 8, 5, seed=16)
+    results = {}
+    for mode, extra in (("uniform", {}),
+                        ("shape", {"log_tail_shape": torch.full((40,), 3.7, dtype=F64)})):
+        kwargs = {"mode": mode, "temperature": temperature, **extra}
+        leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+        loss, div = run_fused(prob, *leaves, with_ce=True, chunk_size=7, **kwargs)
+        loss.backward()
+        logits = (prob["hidden"] @ prob["weight"].T).requires_grad_()
+        plain = topk_divergences(logits, prob["ids"], prob["top_lp"], prob["tail"], prob["mask"],
+                                 **kwargs)
+        (plain.fkl + 2 * plain.rkl).sum().backward()
+        results[mode] = [loss, *div, *(leaf.grad for leaf in leaves), *plain, logits.grad]
+    for got, want in zip(results["shape"], results["uniform"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_shape_gradcheck_with_a_skewed_shape() -> None:
+    prob = fused_problem(5, 7, 2, 3, seed=18)
+    row = int(prob["mask"].nonzero()[0])
+    log_shape = random_log_shape(7, seed=18) - 12.0
+    log_shape[prob["ids"][row]] = 0.0
+    assert fused_gradcheck(prob, 3, mode="shape", temperature=1.3, log_tail_shape=log_shape)
+
+
+def test_tail_shape_is_required_by_shape_mode_and_refused_by_the_others() -> None:
+    n, vocab, k = 4, 10, 3
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=17)
+    logits = student_logits(n, vocab, seed=17)
+    shape = random_log_shape(vocab, seed=17)
+    prob = fused_problem(n, vocab, 3, k, seed=17)
+
+    def fused(**kwargs: object) -> None:
+        run_fused(prob, prob["hidden"], prob["weight"], None, with_ce=False, **kwargs)
+
+    def plain(**kwargs: object) -> None:
+        topk_divergences(logits, ids, top_lp, tail, None, **kwargs)
+
+    for call in (fused, plain):
+        with pytest.raises(ValueError, match="'shape' needs log_tail_shape"):
+            call(mode="shape")
+        for mode in ("bucket", "renormalize", "uniform"):
+            with pytest.raises(ValueError, match="applies to tail mode 'shape' only"):
+                call(mode=mode, log_tail_shape=shape)
+        with pytest.raises(ValueError, match=r"expected \(10,\)"):
+            call(mode="shape", log_tail_shape=shape[:-1])
+        with pytest.raises(ValueError, match="must be finite"):
+            call(mode="shape", log_tail_shape=shape.index_fill(0, torch.tensor([2]), -math.inf))
+
+
+def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
+    gen = torch.Generator().manual_seed(19)
+    batch, seq, width, vocab, k = 2, 5, 6, 30, 4
+    hidden = torch.randn(batch, seq, width, generator=gen, dtype=F64)
+    head = torch.nn.Linear(width, vocab, dtype=F64)
+    _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=19)
+    rows = (ids.view(batch, seq, k), top_lp.view(batch, seq, k), tail.view(batch, seq))
+    loss_mask = torch.rand(batch, seq, generator=gen) > 0.3
+    labels = torch.randint(vocab, (batch, seq), generator=gen)
+    beta = torch.tensor(0.4, dtype=F64)
+
+    def run(mode: str, log_tail_shape: torch.Tensor | None) -> torch.Tensor:
+        settings = LossSettings(distill=True, ce_weight=0.0, tail_mode=mode, chunk_size=3)
+        teacher = CachedTeacher(*rows, log_tail_shape)
+        return distillation_loss(hidden, head, teacher, loss_mask, labels, beta, settings).loss
+
+    shape = random_log_shape(vocab, seed=19)
+    uniform = run("uniform", None)
+    torch.testing.assert_close(run("uniform", shape), uniform)  # not read by another mode
+    torch.testing.assert_close(run("shape", torch.zeros(vocab, dtype=F64)), uniform)
+    # the random shape reaches the loss: it equals the dense teacher's objective
+    p = dense_shape_teacher(top_lp, ids, tail, shape).view(batch, seq, vocab)
+    fkl, rkl = dense_kl(p, head(hidden).log_softmax(-1))
+    lengths = loss_mask.sum(1, keepdim=True).clamp(min=1)
+    want = (((1 - beta) * fkl + beta * rkl) * loss_mask / lengths).sum() / batch
+    torch.testing.assert_close(run("shape", shape), want.detach())
+    with pytest.raises(ValueError, match="'shape' needs log_tail_shape"):
+        run("shape", None)

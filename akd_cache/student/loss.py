@@ -5,7 +5,8 @@ trainer calls; beta's own optimiser and resets are `akd.py`.
 The cache holds, per response position, the teacher's top-k log-probabilities (normalised over
 the full vocabulary, already at the training temperature) and the log of the mass outside them.
 The student has full logits, so everything the teacher lacks must be assumed; `TailMode` names
-the three assumptions on offer. `topk_divergences` works on materialised logits,
+the four assumptions on offer (the "shape" one also needs the cache's tail shape over the
+vocabulary). `topk_divergences` works on materialised logits,
 `fused_divergence_loss` chunks positions through the lm head so that the [N, V] float32 logits
 never exist at once. An online run has the live teacher instead (`LiveTeacher`): its lm head
 runs on the same chunks, and FKL and RKL are exact over the full vocabulary.
@@ -37,6 +38,12 @@ TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
   (>= 0), whereas q against p' would be infinite and the top-k sum alone goes negative.
 - ``uniform``: the teacher tail is spread evenly over the V - k other ids; full-vocabulary KL,
   computed from sums of the student log-softmax so that no [N, V] teacher tensor exists.
+- ``shape``: the teacher tail is spread over the row's other ids in proportion to a fixed
+  weight vector s over the vocabulary (`log_tail_shape`, stored once per cache: the teacher's mean
+  distribution outside its top-k, mixed with a little uniform), p_v = m s_v / W_out with W_out
+  the sum of s over those ids. Uniform is s = const; a real tail is far from flat, and this
+  models it better (0.043 vs 0.069 nat/token from the full-teacher KL at k = 64,
+  docs/benchmarks.md). Full-vocabulary KL from [n, V] x [V] products, no [N, V] teacher tensor.
 """
 
 EMPTY_TAIL_LOGMASS = math.log(torch.finfo(torch.float64).eps)
@@ -64,6 +71,29 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown tail mode {mode!r}; expected one of {TAIL_MODES}")
 
 
+def _tail_shape(
+    mode: TailMode,
+    log_tail_shape: Tensor | None,
+    vocab_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _TailShape | None:
+    """The checked tail shape of mode "shape"; None for the other modes, which take none."""
+    if mode != "shape":
+        if log_tail_shape is not None:
+            raise ValueError(f"log_tail_shape applies to tail mode 'shape' only, not {mode!r}")
+        return None
+    if log_tail_shape is None:
+        raise ValueError("tail mode 'shape' needs log_tail_shape, the log of the cache's tail "
+                         "shape over the vocabulary [V]")
+    if log_tail_shape.shape != (vocab_size,):
+        raise ValueError(f"log_tail_shape has shape {tuple(log_tail_shape.shape)}, expected "
+                         f"({vocab_size},) for the vocabulary")
+    if not torch.isfinite(log_tail_shape).all():
+        raise ValueError("log_tail_shape must be finite: the tail shape is strictly positive")
+    return _TailShape.of(log_tail_shape, dtype, device)
+
+
 def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
     """Elementwise a * (log a - log b) with 0 log 0 = 0, and a gradient free of NaN there."""
     empty = torch.isneginf(log_a)
@@ -81,26 +111,72 @@ class _StudentStats(NamedTuple):
 
     log_q_top: Tensor  # [n, k] student log-probs on the teacher's top-k ids
     tail: Tensor  # [n] log of the student's mass outside those ids; -inf when k = V
-    sum_log_q_out: Tensor | None  # [n] sum of log q over the tail ids (uniform mode only)
-    sum_q_log_q_out: Tensor | None  # [n] sum of q log q over the tail ids (uniform mode only)
+    sum_log_q_out: Tensor | None = None  # [n] sum of log q over the tail ids (uniform mode)
+    sum_q_log_q_out: Tensor | None = None  # [n] sum of q log q over the tail ids (uniform, shape)
+    sum_s_log_q_out: Tensor | None = None  # [n] sum of s log q over the tail ids (shape mode)
+    sum_q_log_s_out: Tensor | None = None  # [n] sum of q log s over the tail ids (shape mode)
 
 
-def _student_stats(log_q: Tensor, topk_ids: Tensor | None, mode: TailMode) -> _StudentStats:
-    """`topk_ids` None: the teacher covers the whole vocabulary in id order (a live teacher)."""
+class _ShapeRows(NamedTuple):
+    """Per row, over the ids outside its top-k: log W_out = log sum s, and sum r log r with
+    r = s / W_out (the tail's own normalised shape, so that p_v = m r_v there)."""
+
+    log_mass_out: Tensor  # [n]
+    neg_entropy: Tensor  # [n]
+
+
+class _TailShape(NamedTuple):
+    """The tail shape s over the vocabulary in the loss's compute dtype, scaled to max s = 1
+    (only ratios matter; the largest weight at 1 keeps the small ones clear of underflow)."""
+
+    weights: Tensor  # [V] s
+    log_weights: Tensor  # [V] log s
+
+    @classmethod
+    def of(cls, log_tail_shape: Tensor, dtype: torch.dtype, device: torch.device) -> _TailShape:
+        log_weights = log_tail_shape.detach().to(device=device, dtype=dtype)
+        log_weights = log_weights - log_weights.max()
+        return cls(log_weights.exp(), log_weights)
+
+    def rows(self, topk_ids: Tensor) -> _ShapeRows:
+        """The teacher side of each row [n, k]: its tail ids are the ones outside `topk_ids`.
+
+        A masked logsumexp gives W_out to full relative precision even when the top-k ids hold
+        nearly all of s, where the total minus the top-k part would cancel.
+        """
+        log_s_out = self.log_weights.expand(topk_ids.shape[0], -1).scatter(
+            -1, topk_ids, -math.inf
+        )
+        log_mass_out = log_s_out.logsumexp(-1)
+        shape_out = log_s_out.sub_(log_mass_out[:, None]).exp_()  # s / W_out, 0 on the top-k
+        return _ShapeRows(log_mass_out, shape_out @ self.log_weights - log_mass_out)
+
+
+def _student_stats(
+    log_q: Tensor, topk_ids: Tensor | None, mode: TailMode, shape: _TailShape | None = None
+) -> _StudentStats:
+    """`topk_ids` None: the teacher covers the whole vocabulary in id order (a live teacher).
+    `shape` is the tail shape of mode "shape"."""
     if topk_ids is None:
-        return _StudentStats(log_q, torch.full_like(log_q[:, 0], -math.inf), None, None)
+        return _StudentStats(log_q, torch.full_like(log_q[:, 0], -math.inf))
     log_q_top = log_q.gather(-1, topk_ids)
     if log_q.shape[-1] == topk_ids.shape[-1]:
         empty = torch.full_like(log_q_top[:, 0], -math.inf)
-        return _StudentStats(log_q_top, empty, None, None)
+        return _StudentStats(log_q_top, empty)
     # Masked logsumexp: stable even when the tail mass is far below float32 resolution of 1 - sum.
-    tail = torch.logsumexp(log_q.scatter(-1, topk_ids, -math.inf), dim=-1)
-    if mode != "uniform":
-        return _StudentStats(log_q_top, tail, None, None)
+    log_q_masked = log_q.scatter(-1, topk_ids, -math.inf)
+    tail = torch.logsumexp(log_q_masked, dim=-1)
+    q_out = log_q_masked.exp() if mode == "shape" else None  # 0 on the top-k ids
+    del log_q_masked
+    if mode not in ("uniform", "shape"):
+        return _StudentStats(log_q_top, tail)
     # log q on the tail ids and 0 on the top-k ids: direct sums, no cancellation.
     log_q_out = log_q.scatter(-1, topk_ids, 0.0)
-    sum_q_log_q_out = (log_q_out.exp() * log_q_out).sum(-1)
-    return _StudentStats(log_q_top, tail, log_q_out.sum(-1), sum_q_log_q_out)
+    if mode == "uniform":
+        sum_q_log_q_out = (log_q_out.exp() * log_q_out).sum(-1)
+        return _StudentStats(log_q_top, tail, log_q_out.sum(-1), sum_q_log_q_out)
+    return _StudentStats(log_q_top, tail, None, (q_out * log_q_out).sum(-1),
+                         log_q_out @ shape.weights, q_out @ shape.log_weights)
 
 
 def _divergences_from_stats(
@@ -109,8 +185,10 @@ def _divergences_from_stats(
     tail_logmass: Tensor | None,
     tail_size: int,
     mode: TailMode,
+    shape_rows: _ShapeRows | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """FKL and RKL per row (no masking, no T^2). The one place the formulas live."""
+    """FKL and RKL per row (no masking, no T^2). The one place the formulas live.
+    `shape_rows` is the teacher side of mode "shape" (None when the tail is empty)."""
     teacher = topk_logprobs.to(stats.log_q_top.dtype)
     if mode == "renormalize":
         teacher_r = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
@@ -127,6 +205,14 @@ def _divergences_from_stats(
     tail = tail_logmass.to(teacher.dtype).clamp_min(EMPTY_TAIL_LOGMASS)
     if mode == "bucket":
         return fkl + _kl_terms(tail, stats.tail), rkl + _kl_terms(stats.tail, tail)
+    if mode == "shape":
+        # tail id v has teacher log-prob tail + log r_v, r_v = s_v / W_out
+        log_w_out = shape_rows.log_mass_out
+        fkl = (fkl + tail.exp() * (tail + shape_rows.neg_entropy)
+               - (tail - log_w_out).exp() * stats.sum_s_log_q_out)
+        rkl = (rkl + stats.sum_q_log_q_out - stats.tail.exp() * (tail - log_w_out)
+               - stats.sum_q_log_s_out)
+        return fkl, rkl
     # uniform: each of the tail_size tail ids has teacher log-prob `per_token`.
     per_token = tail - math.log(tail_size)
     fkl = fkl + tail.exp() * per_token - per_token.exp() * stats.sum_log_q_out
@@ -144,17 +230,20 @@ def topk_divergences(
     temperature: float = 1.0,
     mode: TailMode = "bucket",
     t2_scale: bool = False,
+    log_tail_shape: Tensor | None = None,
 ) -> Divergences:
     """Per-position FKL and RKL from materialised student logits.
 
     Shapes: logits [..., V], ids and log-probs [..., k], tail and mask [...] (mask None means all
-    positions count). Softmax runs in at least float32. Masked positions get 0 and no gradient;
-    their ids and teacher values may be padding garbage, so they are replaced before use.
+    positions count), `log_tail_shape` [V] (mode "shape" only). Softmax runs in at least
+    float32. Masked positions get 0 and no gradient; their ids and teacher values may be padding
+    garbage, so they are replaced before use.
     """
     _check_mode(mode)
     lead = student_logits.shape[:-1]
     vocab_size, k = student_logits.shape[-1], topk_ids.shape[-1]
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    shape = _tail_shape(mode, log_tail_shape, vocab_size, compute_dtype, student_logits.device)
     logits = student_logits.reshape(-1, vocab_size).to(compute_dtype)
     ids = topk_ids.reshape(-1, k)
     teacher = topk_logprobs.reshape(-1, k).to(compute_dtype)
@@ -168,8 +257,9 @@ def topk_divergences(
         tail = torch.where(valid, tail, -math.inf)
 
     log_q = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    stats = _student_stats(log_q, ids, mode)
-    fkl, rkl = _divergences_from_stats(stats, teacher, tail, vocab_size - k, mode)
+    stats = _student_stats(log_q, ids, mode, shape)
+    shape_rows = shape.rows(ids) if shape is not None and k < vocab_size else None
+    fkl, rkl = _divergences_from_stats(stats, teacher, tail, vocab_size - k, mode, shape_rows)
     if t2_scale:
         fkl, rkl = fkl * temperature**2, rkl * temperature**2
     student_tail = stats.tail.detach()
@@ -208,22 +298,28 @@ def temper_teacher(
 
 class _TeacherChunk(NamedTuple):
     """The teacher on one chunk of positions: its top-k (ids [c, k], log-probs [c, k], tail
-    [c]), or with ids and tail None its log-probs [c, V] over the whole vocabulary in id order."""
+    [c]), or with ids and tail None its log-probs [c, V] over the whole vocabulary in id order.
+    `shape` is the tail shape of mode "shape"."""
 
     ids: Tensor | None
     logprobs: Tensor
     tail_logmass: Tensor | None
+    shape: _TailShape | None = None
 
 
 class _CachedRows(NamedTuple):
-    """Cached teacher rows of every loss position: ids, log-probs [N, k], tail [N]."""
+    """Cached teacher rows of every loss position: ids, log-probs [N, k], tail [N], and the
+    cache's tail shape in mode "shape"."""
 
     ids: Tensor
     logprobs: Tensor
     tail_logmass: Tensor
+    shape: _TailShape | None
 
     def chunk(self, rows: Tensor, temperature: float, dtype: torch.dtype) -> _TeacherChunk:
-        return _TeacherChunk(self.ids[rows], self.logprobs[rows], self.tail_logmass[rows])
+        return _TeacherChunk(
+            self.ids[rows], self.logprobs[rows], self.tail_logmass[rows], self.shape
+        )
 
 
 class _LiveRows(NamedTuple):
@@ -268,9 +364,10 @@ def _chunk_loss_and_grad(
     tensors), the chain rule gives for a tail id j, with e_j = q_j / Q = exp(l_j - tail):
         dL/ds_j = e_j (D_tail + Q (D_sum_qlogq (l_j + 1) - sum_D)) + D_sum_log,
     where sum_D is the total derivative with respect to l (the softmax Jacobian's correction);
-    e_j <= 1 on the tail, so nothing overflows however small the tail mass Q is.
+    e_j <= 1 on the tail, so nothing overflows however small the tail mass Q is. Mode "shape"
+    weights the last term by the tail shape, D_sum_slogq w_j, and adds q_j D_sum_qlogs log w_j.
     """
-    topk_ids, topk_logprobs, tail_logmass = teacher
+    topk_ids, topk_logprobs, tail_logmass, shape = teacher
     fkl_coef, rkl_coef, ce_coef = coefs
     tail_size = 0 if topk_ids is None else logits.shape[-1] - topk_ids.shape[-1]
     # CE is a hard-label term taken at T = 1 (Hinton); at T = 1 it shares the softmax.
@@ -287,33 +384,46 @@ def _chunk_loss_and_grad(
     log_q.sub_(log_q.logsumexp(-1, keepdim=True))
     if ce_coef is not None and not separate_ce:
         nll = -log_q.gather(-1, targets)[:, 0]
-    stats = _student_stats(log_q, topk_ids, mode)
+    stats = _student_stats(log_q, topk_ids, mode, shape)
+    shape_rows = shape.rows(topk_ids) if mode == "shape" and tail_size else None
 
     with torch.enable_grad():
         leaves = _StudentStats(*(None if t is None else t.detach().requires_grad_() for t in stats))
-        fkl, rkl = _divergences_from_stats(leaves, topk_logprobs, tail_logmass, tail_size, mode)
+        fkl, rkl = _divergences_from_stats(
+            leaves, topk_logprobs, tail_logmass, tail_size, mode, shape_rows
+        )
         fkl, rkl = fkl * kl_scale, rkl * kl_scale
         kl_loss = (fkl_coef * fkl + rkl_coef * rkl).sum()
         used = [t for t in leaves if t is not None]
-        d_top, d_tail, *d_sums = torch.autograd.grad(kl_loss, used, materialize_grads=True)
+        grads = iter(torch.autograd.grad(kl_loss, used, materialize_grads=True))
+        d = _StudentStats(*(None if t is None else next(grads) for t in leaves))
 
     q_top = stats.log_q_top.exp()
     mass_out = stats.tail.exp()
-    sum_d = d_top.sum(-1) + d_tail
-    if d_sums:
-        d_sum_log, d_sum_q_log = d_sums
-        sum_d = sum_d + tail_size * d_sum_log + d_sum_q_log * (stats.sum_q_log_q_out + mass_out)
-    top_grad = d_top - q_top * sum_d[:, None]
-    row = d_tail - mass_out * sum_d
+    sum_d = d.log_q_top.sum(-1) + d.tail
+    if d.sum_log_q_out is not None:
+        sum_d = (sum_d + tail_size * d.sum_log_q_out
+                 + d.sum_q_log_q_out * (stats.sum_q_log_q_out + mass_out))
+    elif d.sum_s_log_q_out is not None:
+        sum_d = (sum_d + d.sum_q_log_q_out * (stats.sum_q_log_q_out + mass_out)
+                 + d.sum_s_log_q_out * shape_rows.log_mass_out.exp()
+                 + d.sum_q_log_s_out * stats.sum_q_log_s_out)
+    top_grad = d.log_q_top - q_top * sum_d[:, None]
+    row = d.tail - mass_out * sum_d
     if ce_coef is not None and not separate_ce:
         top_grad = top_grad + ce_coef[:, None] * q_top
         row = row + ce_coef * mass_out
 
     grad = log_q  # reuse the buffer; the top-k entries are overwritten below
-    if tail_size and d_sums:
+    if tail_size and d.sum_q_log_q_out is not None:
         ratio = (log_q - stats.tail[:, None]).exp_()
-        grad.add_(1.0).mul_((mass_out * d_sum_q_log)[:, None]).add_(row[:, None])
-        grad.mul_(ratio).add_(d_sum_log[:, None])
+        grad.add_(1.0).mul_((mass_out * d.sum_q_log_q_out)[:, None]).add_(row[:, None])
+        if mode == "shape":
+            # in place, outer products with the [V] shape: no [c, V] temporary beyond `ratio`
+            grad.addr_(mass_out * d.sum_q_log_s_out, shape.log_weights)
+            grad.mul_(ratio).addr_(d.sum_s_log_q_out, shape.weights)
+        else:
+            grad.mul_(ratio).add_(d.sum_log_q_out[:, None])
     elif tail_size:
         grad.sub_(stats.tail[:, None]).exp_().mul_(row[:, None])
     if topk_ids is None:
@@ -453,12 +563,14 @@ def fused_divergence_loss(
     mode: TailMode = "bucket",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     t2_scale: bool = False,
+    log_tail_shape: Tensor | None = None,
 ) -> tuple[Tensor, Divergences]:
     """loss = sum_n fkl_coef*fkl + rkl_coef*rkl + ce_coef*(-log softmax(logits)[target]).
 
     hidden [N, H] (any float dtype; leading dims [B, S, H] are flattened), weight [V, H] and
-    bias [V] or None in the same dtype; teacher tensors as in `topk_divergences` and coefficients
-    [N], with the same leading dims as hidden. Positions
+    bias [V] or None in the same dtype; teacher tensors (and `log_tail_shape`, mode "shape"
+    only) as in `topk_divergences` and coefficients [N], with the same leading dims as hidden.
+    Positions
     whose coefficients are all zero are skipped (padding costs nothing) and report
     fkl = rkl = 0; a position with any nonzero coefficient reports both, so RKL is still logged
     when only FKL trains (beta = 0). Logits are formed per chunk of `chunk_size` positions in the
@@ -469,8 +581,11 @@ def fused_divergence_loss(
     """
     _check_mode(mode)
     k = topk_ids.shape[-1]
+    compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    shape = _tail_shape(mode, log_tail_shape, lm_head_weight.shape[0], compute_dtype,
+                        hidden.device)
     teacher = _CachedRows(
-        topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1)
+        topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1), shape
     )
     return _fused(hidden, lm_head_weight, lm_head_bias, teacher, fkl_coef, rkl_coef, ce_coef,
                   target_ids, temperature, mode, chunk_size, t2_scale)
@@ -566,11 +681,13 @@ class LossSettings:
 
 
 class CachedTeacher(NamedTuple):
-    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S]."""
+    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S], and the
+    cache's log tail shape [V] (read by tail mode "shape" only)."""
 
     topk_ids: Tensor
     topk_logprobs: Tensor
     tail_logmass: Tensor
+    log_tail_shape: Tensor | None = None
 
 
 class LiveTeacher(NamedTuple):
@@ -605,8 +722,8 @@ def distillation_loss(
 
     hidden [B, S, H] is the student decoder's output; loss_mask [B, S] marks the positions whose
     next token is learnt, labels [B, S] those tokens. Only the masked positions reach the lm head
-    (and the live teacher's). The cached teacher's tail mode is `settings.tail_mode`; the live
-    teacher has no tail.
+    (and the live teacher's). The cached teacher's tail mode is `settings.tail_mode` (its tail
+    shape is passed on in mode "shape" only); the live teacher has no tail.
     """
     rows = hidden[loss_mask]
     sample_of = torch.nonzero(loss_mask)[:, 0]
@@ -632,9 +749,11 @@ def distillation_loss(
         teacher_tail = torch.zeros((), device=rows.device)
     else:
         tail_logmass = teacher.tail_logmass[loss_mask]
+        shape = teacher.log_tail_shape if settings.tail_mode == "shape" else None
         loss, div = fused_divergence_loss(
             rows, lm_head.weight, lm_head.bias, teacher.topk_ids[loss_mask],
-            teacher.topk_logprobs[loss_mask], tail_logmass, mode=settings.tail_mode, **terms,
+            teacher.topk_logprobs[loss_mask], tail_logmass, mode=settings.tail_mode,
+            log_tail_shape=shape, **terms,
         )
         teacher_tail = tail_logmass.exp().mean()
     return LossOutput(
