@@ -79,6 +79,10 @@ class CacheConfig(Strict):
     template: TemplateName = "alpaca"
     shard_tokens: int = Field(65536, ge=1024)
     root: str = "storage/teacher-cache"
+    tail_shape: bool = Field(
+        False, description="also store the teacher's mean distribution over the ids outside its "
+        "top-k (one [V] array per cache), for train.tail_mode 'shape'; needs the hf backend",
+    )
 
 
 class TrainConfig(Strict):
@@ -295,6 +299,29 @@ class Profile(Strict):
     generate: GenerateConfig = GenerateConfig()
     fidelity: FidelityConfig = FidelityConfig()
 
+    @model_validator(mode="after")
+    def _tail_shape_is_measured_by_hf(self) -> Profile:
+        if self.cache.tail_shape and self.teacher.backend != "hf":
+            raise ValueError("cache.tail_shape needs teacher.backend 'hf': vLLM returns only "
+                             "the top log-probs, not the whole distribution the shape averages")
+        return self
+
+    def check_tail_mode(self, tail_mode: str | None, where: str) -> None:
+        """The 'shape' tail mode reads the cache's tail shape, and tempering assumes a uniform
+        tail: refuse what this profile cannot train."""
+        if (tail_mode or self.train.tail_mode) != "shape":
+            return
+        if not self.cache.tail_shape:
+            raise ValueError(f"{where}: tail_mode 'shape' needs cache.tail_shape: true")
+        if self.train.temper_cache:
+            raise ValueError(f"{where}: tail_mode 'shape' does not apply with "
+                             "train.temper_cache (tempering assumes a uniform tail)")
+
+    @model_validator(mode="after")
+    def _tail_mode_can_train(self) -> Profile:
+        self.check_tail_mode(None, "train")
+        return self
+
 
 class EvalplusRuns(Strict):
     """Which models `dvc repro` scores with evalplus (the slow part on a CPU)."""
@@ -327,6 +354,13 @@ class Params(Strict):
     def _profile_exists(self) -> Params:
         if self.profile not in self.profiles:
             raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+        return self
+
+    @model_validator(mode="after")
+    def _experiment_tail_modes_can_train(self) -> Params:
+        for name, experiment in self.experiments.items():
+            if isinstance(experiment, DistillationExperiment) and not experiment.online:
+                self.active.check_tail_mode(experiment.tail_mode, f"experiments.{name}")
         return self
 
     @property

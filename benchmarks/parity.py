@@ -1,9 +1,10 @@
 """Parity: does a student trained from the cache end where one trained against the live teacher
 ends? And does distillation beat SFT on held-out samples?
 
-For each method (kd, rkd, akd) and seed, the same experiment trains three ways: from the k = 64
-cache with the bucket tail, from the cache with the uniform tail, and online against the live
-teacher (same data order, seed and Trainer; only the teacher's distribution differs). SFT trains
+For each method (kd, rkd, akd) and seed, the same experiment trains several ways: from the k = 64
+cache with the bucket tail, with the uniform tail, with the stored tail shape (`--ways ... shape`,
+for a cache built with `cache.tail_shape: true`), and online against the live teacher (same data
+order, seed and Trainer; only the teacher's distribution differs). SFT trains
 once per seed as the no-teacher baseline. Every student is then measured with `akd fidelity`'s
 held-out exact FKL / RKL against the live teacher. Run from the repository root after the demo's
 Stage 1 (`dvc repro cache_teacher cache_heldout`):
@@ -41,7 +42,9 @@ from akd_cache.student.run import train_experiment
 from stages.common import HELDOUT_CACHE_POINTER, TEACHER_CACHE_POINTER
 
 METHODS = {"kd": KD, "rkd": RKD, "akd": AKD}
-WAYS = ("bucket", "uniform", "online")
+WAYS = ("bucket", "uniform", "shape", "online")
+DEFAULT_WAYS = ("bucket", "uniform", "online")
+ONLINE = "online"
 BASELINE = "sft"
 PLOT_SIZE = (8, 4.5)
 SIGMAS = 2  # kd must beat sft by more than this many seed standard deviations
@@ -50,13 +53,13 @@ SIGMAS = 2  # kd must beat sft by more than this many seed standard deviations
 def experiment(method: str, way: str) -> Experiment:
     if method == BASELINE:
         return SFT()
-    if way == "online":
+    if way == ONLINE:
         return METHODS[method](online=True)
     return METHODS[method](tail_mode=way)
 
 
-def runs(methods: list[str]) -> list[tuple[str, str]]:
-    return [(BASELINE, "reference")] + [(m, w) for m in methods for w in WAYS]
+def runs(methods: list[str], ways: list[str]) -> list[tuple[str, str]]:
+    return [(BASELINE, "reference")] + [(m, w) for m in methods for w in ways]
 
 
 def train_all(args: argparse.Namespace) -> dict[str, Path]:
@@ -70,7 +73,7 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
     folders = {}
     for seed in args.seeds:
         train = profile.train.model_copy(update={"seed": seed, "max_steps": args.max_steps})
-        for method, way in runs(args.methods):
+        for method, way in runs(args.methods, args.ways):
             name = f"{method}-{way}-s{seed}"
             out = args.out / name
             folders[name] = out
@@ -122,14 +125,14 @@ def table(args: argparse.Namespace, results: dict[str, dict]) -> str:
     header = ("| method | teacher | held-out FKL | held-out RKL | FKL gap to online | "
               "RKL gap to online | wall s | peak MB |")
     lines = [header, "|" + "---|" * 8]
-    for method, way in runs(args.methods):
+    for method, way in runs(args.methods, args.ways):
         gaps = []
         for key in ("fkl", "rkl"):
-            if method == BASELINE or way == "online":
+            if method == BASELINE or way == ONLINE:
                 gaps.append("-")
                 continue
             rel = [(c - o) / o for c, o in zip(values(method, way, key),
-                                               values(method, "online", key), strict=True)]
+                                               values(method, ONLINE, key), strict=True)]
             gaps.append(f"{100 * statistics.fmean(rel):+.1f}% (max {100 * max(rel, key=abs):+.1f}%)")
         lines.append(
             f"| {method} | {way} | {mean_sd(values(method, way, 'fkl'))} | "
@@ -150,15 +153,16 @@ def table(args: argparse.Namespace, results: dict[str, dict]) -> str:
 def beta_plot(args: argparse.Namespace, folders: dict[str, Path]) -> Path | None:
     fig = Figure(figsize=PLOT_SIZE)
     ax = fig.add_subplot()
-    for way in WAYS:
+    for way in args.ways:
         for i, seed in enumerate(args.seeds):
             log = [json.loads(line) for line in
                    (folders[f"akd-{way}-s{seed}"] / "log.jsonl").read_text().splitlines()]
             steps, betas = series(log, "beta_used")
             ax.plot(steps, betas, color=f"C{WAYS.index(way)}", alpha=1.0 if i == 0 else 0.4,
                     label=way if i == 0 else None)
+    cache_ways = ", ".join(w for w in args.ways if w != ONLINE)
     ax.set(xlabel="step", ylabel="beta used", ylim=(0, 1),
-           title="AKD's beta: cache (bucket, uniform tail) vs online teacher, every seed")
+           title=f"AKD's beta: cache ({cache_ways} tail) vs online teacher, every seed")
     ax.legend()
     path = args.out / "parity_beta.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -170,9 +174,14 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ways", nargs="+", default=list(DEFAULT_WAYS), choices=list(WAYS),
+                        help="where the teacher's distribution comes from; online is the "
+                             "reference every cache way is compared with")
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: the profile's epochs")
     parser.add_argument("--out", type=Path, default=Path("runs/parity"))
     args = parser.parse_args()
+    if ONLINE not in args.ways:
+        parser.error("--ways needs online: it is what the cache ways are compared with")
     args.out.mkdir(parents=True, exist_ok=True)
     folders = train_all(args)
     results = measure(args, folders)

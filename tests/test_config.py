@@ -126,3 +126,36 @@ def test_distillation_methods_can_run_online_without_a_tail_mode(tmp_path, metho
                                           "does not apply to an online teacher"):
         load_params(write(tmp_path, with_experiments(
             x={"method": method, "online": True, "tail_mode": "bucket"})))
+
+
+def test_tail_shape_is_measured_by_the_hf_backend_only(tmp_path):
+    doc = minimal(tail_shape=True)
+    assert load_params(write(tmp_path, doc)).active.cache.tail_shape
+    doc["profiles"]["p"]["teacher"]["backend"] = "vllm"
+    with pytest.raises(ConfigError, match="cache.tail_shape needs teacher.backend 'hf'"):
+        load_params(write(tmp_path, doc))
+
+
+def test_the_shape_tail_mode_needs_a_cache_with_a_shape(tmp_path):
+    doc = with_experiments(kd={"method": "kd", "tail_mode": "shape"})
+    with pytest.raises(ConfigError, match="experiments.kd: tail_mode 'shape' needs "
+                                          "cache.tail_shape: true"):
+        load_params(write(tmp_path, doc))
+    doc["profiles"]["p"]["cache"] = {"tail_shape": True}
+    assert load_params(write(tmp_path, doc)).experiments["kd"].tail_mode == "shape"
+    profile_wide = minimal()
+    profile_wide["profiles"]["p"]["train"] = {"tail_mode": "shape"}
+    with pytest.raises(ConfigError, match="train: tail_mode 'shape' needs cache.tail_shape"):
+        load_params(write(tmp_path, profile_wide))
+    online = with_experiments(kd={"method": "kd", "online": True})
+    online["profiles"]["p"]["train"] = {"tail_mode": "shape"}
+    online["profiles"]["p"]["cache"] = {"tail_shape": True}
+    assert load_params(write(tmp_path, online)).experiments["kd"].online
+
+
+def test_the_shape_tail_mode_is_not_tempered(tmp_path):
+    doc = minimal(tail_shape=True)
+    doc["profiles"]["p"]["train"] = {"tail_mode": "shape", "temperature": 2.0,
+                                     "temper_cache": True}
+    with pytest.raises(ConfigError, match="does not apply with train.temper_cache"):
+        load_params(write(tmp_path, doc))

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_split
+from akd_cache.errors import ConfigError, DamageError
 from akd_cache.store import format as fmt
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.lock import CacheLockedError, WriterLock
@@ -288,23 +289,25 @@ def test_key_changes_with_every_ingredient(setup):
     base = setup["ingredients"]
     changes = {"teacher_weights_sha256": "x", "tokenizer_sha256": "x", "dataset_sha256": "x",
                "template": "starcoder", "max_length": 256, "k": 8, "temperature": 2.0,
-               "truncation": "drop", "heldout": 5, "teacher_revision": "abc"}
+               "truncation": "drop", "heldout": 5, "teacher_revision": "abc",
+               "tail_shape": True}
     keys = {replace(base, **{name: value}).key() for name, value in changes.items()}
     assert len(keys | {base.key()}) == len(changes) + 1
 
 
 def test_key_of_fixed_ingredients_is_stable():
-    """The value the code gave before the store was made the bottom layer: a key that moves
-    orphans every existing cache. (Pinned at format version 1: format 2 added checksums, and its
-    caches get new keys by design.)"""
+    """A key that moves orphans every existing cache, so the hashing is pinned. (Format 2 added
+    checksums and format 3 the tail shape: their caches get new keys by design, and the pin was
+    moved with each, from c34ec87d2ed70a670211 at format 1.)"""
     ingredients = CacheIngredients(
         teacher="embedded:smollm2", teacher_revision=None, teacher_weights_sha256="a" * 64,
         teacher_dtype="float32", tokenizer_sha256="b" * 64, dataset_sha256="c" * 64,
         samples_sha256="d" * 64, split="train", heldout=100, split_seed=0, max_train_samples=96,
         template="alpaca_original", max_length=512, truncation="truncate_response", k=64,
-        temperature=1.0, format_version=1,
+        temperature=1.0, tail_shape=False,
     )
-    assert ingredients.key() == "c34ec87d2ed70a670211"
+    assert ingredients.format_version == 3
+    assert ingredients.key() == "db983774758608d58dd1"
 
 
 def test_store_imports_no_higher_package():
@@ -411,10 +414,16 @@ def test_reads_spanning_chunk_boundaries(reference_cache, monkeypatch):
     whole = TeacherCache(str(reference_cache))
     expected = [whole[i] for i in range(len(whole))]
     small = TeacherCache(str(reference_cache))
-    small._block_rows = 7  # force every sample across several cached blocks
+    # force every sample's rows and tokens across several cached blocks
+    small._block_sizes = dict.fromkeys(small._block_sizes, 7)
+    small._block.cache_clear()
     for want, got in zip(expected, (small[i] for i in range(len(small)))):
+        assert len(got.input_ids) > 7
+        np.testing.assert_array_equal(want.input_ids, got.input_ids)
         np.testing.assert_array_equal(want.topk_ids, got.topk_ids)
+        np.testing.assert_array_equal(want.topk_logprobs, got.topk_logprobs)
         np.testing.assert_array_equal(want.tail_logmass, got.tail_logmass)
+        np.testing.assert_array_equal(want.target_logprob, got.target_logprob)
 
 
 def test_dense_logprobs_is_the_top_k_plus_each_modes_tail(setup, reference_cache):
@@ -439,3 +448,75 @@ def test_dense_logprobs_is_the_top_k_plus_each_modes_tail(setup, reference_cache
                                    p_top / p_top.sum(1, keepdims=True), rtol=1e-5)
     with pytest.raises(ValueError, match="no full-vocabulary form"):
         cache.dense_logprobs(0, "bucket")
+
+
+@pytest.fixture(scope="module")
+def shape_cache(setup, tmp_path_factory):
+    location = tmp_path_factory.mktemp("shape") / "cache"
+    ingredients = replace(setup["ingredients"], tail_shape=True)
+    assert fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
+                lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    return location
+
+
+def test_tail_shape_is_the_teachers_mean_tail_over_the_calibration_rows(setup, shape_cache):
+    """Against the full softmax of each calibration sample run alone, in float64."""
+    model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    total, rows = 0.0, 0
+    for s in calibration_samples(setup["samples"]):
+        with torch.no_grad():
+            logits = model(torch.tensor([s.input_ids])).logits[0].double()
+        p = logits.softmax(-1)[s.prompt_len - 1 : len(s.input_ids) - 1]
+        tail = p.scatter(-1, p.topk(K, dim=-1).indices, 0.0)
+        total = total + (tail / tail.sum(-1, keepdim=True)).sum(0)
+        rows += len(p)
+    vocab = len(setup["tokenizer"])
+    expected = (1 - fmt.TAIL_SHAPE_UNIFORM_MIX) * (total / rows).numpy() + \
+        fmt.TAIL_SHAPE_UNIFORM_MIX / vocab
+    cache = TeacherCache(str(shape_cache))
+    assert cache.log_tail_shape.shape == (vocab,)
+    np.testing.assert_allclose(np.exp(cache.log_tail_shape.astype(np.float64)), expected,
+                               rtol=1e-4)
+
+
+def test_dense_shape_mode_spreads_the_exact_tail_by_the_shape(setup, shape_cache,
+                                                              reference_cache):
+    cache = TeacherCache(str(shape_cache))
+    shape = np.exp(cache.log_tail_shape.astype(np.float64))
+    for i in range(3):
+        got = cache[i]
+        dense = np.exp(cache.dense_logprobs(i, "shape").astype(np.float64))
+        np.testing.assert_allclose(dense.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.take_along_axis(dense, got.topk_ids, 1),
+                                   np.exp(got.topk_logprobs.astype(np.float64)), rtol=1e-5)
+        outside = np.ones_like(dense, dtype=bool)
+        np.put_along_axis(outside, got.topk_ids, False, axis=1)
+        w_out = np.where(outside, shape, 0.0).sum(1)
+        want = np.exp(got.tail_logmass.astype(np.float64))[:, None] * shape / w_out[:, None]
+        np.testing.assert_allclose(dense[outside], want[outside], rtol=1e-4)
+    with pytest.raises(CacheError, match="no tail shape"):
+        TeacherCache(str(reference_cache)).dense_logprobs(0, "shape")
+
+
+def test_tail_shape_needs_a_backend_that_sees_the_whole_distribution(setup, tmp_path):
+    class TopKOnly:
+        def score(self, samples):
+            return setup["teacher"].score(samples)
+
+    ingredients = replace(setup["ingredients"], tail_shape=True)
+    with pytest.raises(ConfigError, match="cache.tail_shape: the TopKOnly teacher backend"):
+        fill(str(tmp_path / "c"), setup["samples"], ingredients, len(setup["tokenizer"]),
+             lambda: TopKOnly(), shard_rows=SHARD_ROWS)
+
+
+def test_a_damaged_tail_shape_is_reported_and_not_guessed(setup, shape_cache, tmp_path):
+    location = tmp_path / "cache"
+    shutil.copytree(shape_cache, location)
+    chunk = next(p for p in (location / fmt.TAIL_SHAPE / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(DamageError, match="tail_shape"):
+        TeacherCache(str(location))
+    ingredients = replace(setup["ingredients"], tail_shape=True)
+    with pytest.raises(DamageError, match="cannot be rewritten exactly"):
+        fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
+             lambda: setup["teacher"], shard_rows=SHARD_ROWS)

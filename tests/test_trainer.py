@@ -22,6 +22,7 @@ from akd_cache.config import (
     TrainConfig,
 )
 from akd_cache.data.instructions import Example
+from akd_cache.errors import CacheError
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.loss import topk_divergences
 from akd_cache.student.run import train_experiment
@@ -206,3 +207,39 @@ def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpac
     with pytest.raises(ValueError, match="needs the teacher's generations"):
         train_experiment(cache_and_student[0], cache_and_student[1], SeqKD(),
                          TRAIN, tmp_path / "out2", "seqkd")
+
+
+@pytest.fixture(scope="module")
+def shape_cache(tiny_models, codealpaca_rows, tmp_path_factory):
+    location = str(tmp_path_factory.mktemp("shape") / "c")
+    fill_tiny_cache(str(tiny_models["llama"]), codealpaca_rows[:N_SAMPLES],
+                    CacheConfig(k=K, max_length=128, tail_shape=True), location)
+    return location
+
+
+def test_the_shape_mode_trains_against_the_caches_dense_shape_distribution(
+        shape_cache, cache_and_student, tmp_path):
+    """The module's loss on a batch equals KL from `reader.dense_logprobs(i, 'shape')`, and a
+    run trains; without a stored shape the run is refused before it starts."""
+    _, student_path = cache_and_student
+    cache = TeacherCache(shape_cache)
+    batch = collate([cache[i] for i in range(4)])
+    student = AutoModelForCausalLM.from_pretrained(student_path).eval()
+    module = DistillationModule(student, KD(tail_mode="shape"), TRAIN,
+                                log_tail_shape=torch.from_numpy(cache.log_tail_shape))
+    out = module(**batch, beta=torch.tensor(0.0))
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits.double()
+    want = []
+    for b in range(4):
+        log_q = logits[b][batch["loss_mask"][b]].log_softmax(-1)
+        log_p = torch.from_numpy(cache.dense_logprobs(b, "shape")).double()
+        want.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert out.loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
+
+    metrics = train_experiment(shape_cache, student_path, KD(tail_mode="shape"), TRAIN,
+                               tmp_path / "shape", "x")
+    assert metrics["steps"] == TRAIN.max_steps
+    with pytest.raises(CacheError, match="this cache has none"):
+        run(cache_and_student, tmp_path / "none", KD(tail_mode="shape"))

@@ -4,7 +4,8 @@ Two views of the same positions (the response tokens of the held-out split):
 - exact: FKL = KL(p || q) and RKL = KL(q || p) over the full vocabulary against the live teacher,
   computed a chunk of positions at a time so [batch, seq, vocab] never exists for both models;
 - the cache's view: the same divergences from a held-out teacher cache in the `bucket` and
-  `uniform` tail modes, which needs no teacher and measures the cache's bias on trained students.
+  `uniform` tail modes (and `shape`, for a cache with a tail shape), which needs no teacher and
+  measures the cache's bias on trained students.
 
 Plus the NLL of the reference response (student at T = 1), top-1 agreement with the teacher and
 the student's mass outside the teacher's cached top-k. Every metric is a per-sample
@@ -14,7 +15,7 @@ interval.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,8 @@ from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.loss import topk_divergences
 
 CACHE_VIEW_MODES = ("bucket", "uniform")
+SHAPE_MODE = "shape"  # in the cache's view only for a cache that stores a tail shape
 EXACT_METRICS = ("fkl", "rkl", "top1_agreement")
-CACHE_METRICS = tuple(f"{d}_{m}" for m in CACHE_VIEW_MODES for d in ("fkl", "rkl"))
 STUDENT_METRICS = ("nll", "student_tail_mass")
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -65,9 +66,13 @@ def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
     return logits if head.bias is None else logits + head.bias.float()
 
 
+def cache_metrics(modes: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{d}_{m}" for m in modes for d in ("fkl", "rkl"))
+
+
 def _chunk_metrics(
     student_logits: Tensor, teacher_logits: Tensor | None, rows: Mapping[str, Tensor],
-    temperature: float,
+    temperature: float, log_tail_shape: Tensor | None,
 ) -> dict[str, Tensor]:
     """Per-position metrics of one chunk of loss positions."""
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
@@ -76,9 +81,13 @@ def _chunk_metrics(
             -1, rows["labels"][:, None])[:, 0],
         "student_tail_mass": 1 - log_q.gather(-1, rows["topk_ids"]).exp().sum(-1),
     }
-    for mode in CACHE_VIEW_MODES:
-        div = topk_divergences(student_logits, rows["topk_ids"], rows["topk_logprobs"],
-                               rows["tail_logmass"], None, temperature=temperature, mode=mode)
+    shape_mode = () if log_tail_shape is None else (SHAPE_MODE,)
+    for mode in (*CACHE_VIEW_MODES, *shape_mode):
+        div = topk_divergences(
+            student_logits, rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], None,
+            temperature=temperature, mode=mode,
+            log_tail_shape=log_tail_shape if mode == SHAPE_MODE else None,
+        )
         out[f"fkl_{mode}"], out[f"rkl_{mode}"] = div.fkl, div.rkl
     if teacher_logits is not None:
         log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
@@ -109,7 +118,10 @@ def per_sample_fidelity(
             f"{cache.location}: the held-out cache is at temperature {cache_temperature}, "
             f"fidelity asks for {temperature}; build the held-out cache at that temperature"
         )
-    names = [*STUDENT_METRICS, *CACHE_METRICS, *(EXACT_METRICS if teacher is not None else ())]
+    shape = None if cache.log_tail_shape is None else torch.from_numpy(cache.log_tail_shape)
+    modes = (*CACHE_VIEW_MODES, *(() if shape is None else (SHAPE_MODE,)))
+    names = [*STUDENT_METRICS, *cache_metrics(modes),
+             *(EXACT_METRICS if teacher is not None else ())]
     sums = {model: {m: np.zeros(len(cache)) for m in names} for model in students}
     lengths = np.zeros(len(cache))
     for start in tqdm(range(0, len(cache), batch_size), desc="fidelity", unit="batch"):
@@ -128,7 +140,7 @@ def per_sample_fidelity(
                 metrics = _chunk_metrics(
                     _logits(student, student_hidden[part]),
                     _logits(teacher, teacher_hidden[part]) if teacher is not None else None,
-                    {name: value[part] for name, value in rows.items()}, temperature,
+                    {name: value[part] for name, value in rows.items()}, temperature, shape,
                 )
                 where = sample_of[part].numpy()
                 for name, value in metrics.items():

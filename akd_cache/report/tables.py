@@ -55,9 +55,12 @@ SUBCATEGORY_SEPARATORS = (": ", "/")
 
 FIDELITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fkl", "FKL exact"), ("rkl", "RKL exact"), ("fkl_bucket", "FKL bucket"),
-    ("fkl_uniform", "FKL uniform"), ("rkl_bucket", "RKL bucket"), ("rkl_uniform", "RKL uniform"),
-    ("nll", "NLL ref"), ("top1_agreement", "top-1 agree"), ("student_tail_mass", "tail mass"),
+    ("fkl_uniform", "FKL uniform"), ("fkl_shape", "FKL shape"), ("rkl_bucket", "RKL bucket"),
+    ("rkl_uniform", "RKL uniform"), ("rkl_shape", "RKL shape"), ("nll", "NLL ref"),
+    ("top1_agreement", "top-1 agree"), ("student_tail_mass", "tail mass"),
 )
+"""Every column any model can have; a table shows those that some model has (the shape view
+exists only for a held-out cache with a tail shape)."""
 
 
 def interval(summary: dict | None) -> str:
@@ -77,15 +80,16 @@ def fidelity_table(params: Params, data: RunData) -> str | None:
     names = fidelity_names(params, data)
     if not names:
         return None
-    header = ["model", "method", "teacher in training",
-              *(title for _, title in FIDELITY_COLUMNS)]
+    columns = [(key, title) for key, title in FIDELITY_COLUMNS
+               if any(key in data.fidelity[name]["metrics"] for name in names)]
+    header = ["model", "method", "teacher in training", *(title for _, title in columns)]
     body = []
     for name in names:
         exp = params.experiments.get(name)
         metrics = data.fidelity[name]["metrics"]
         body.append([
             f"`{name}`", exp.method if exp else "untrained", teacher_source(exp) if exp else "-",
-            *(interval(metrics.get(key)) for key, _ in FIDELITY_COLUMNS),
+            *(interval(metrics.get(key)) for key, _ in columns),
         ])
     return md_table(header, body)
 

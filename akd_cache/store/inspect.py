@@ -13,6 +13,7 @@ BAR_WIDTH = 40
 def describe(cache: TeacherCache, damage: list[Damage]) -> str:
     """`damage`: what the quick presence check found (`integrity.find_damage(full=False)`)."""
     meta = cache.meta
+    shape = "tail shape stored" if cache.log_tail_shape is not None else "no tail shape"
     files = (f"DAMAGED: {len(damage)} found; run `akd verify {cache.location}`" if damage else
              f"all present (quick check; `akd verify {cache.location}` reads every checksum)")
     lines = [
@@ -22,7 +23,7 @@ def describe(cache: TeacherCache, damage: list[Damage]) -> str:
         *(f"  damaged  {d.line(cache.location)}" for d in damage),
         f"samples    {meta.n_samples}",
         f"tokens     {meta.n_tokens} in sequences, {meta.n_rows} teacher rows",
-        f"k          {meta.k}  (vocabulary {meta.vocab_size})",
+        f"k          {meta.k}  (vocabulary {meta.vocab_size}; {shape})",
     ]
     stats = meta.stats
     if stats is not None:

@@ -129,6 +129,7 @@ def stored_files(location: str) -> set[str]:
 
 
 def expected_arrays(meta: fmt.CacheMeta) -> dict[str, tuple[int, ...]]:
+    shape = {fmt.TAIL_SHAPE: (meta.vocab_size,)} if meta.ingredients["tail_shape"] else {}
     return {
         **{path: (meta.n_shards * meta.shard_rows, meta.k) for path in fmt.ROW_ARRAYS[:2]},
         **{path: (meta.n_shards * meta.shard_rows,) for path in fmt.ROW_ARRAYS[2:]},
@@ -136,6 +137,7 @@ def expected_arrays(meta: fmt.CacheMeta) -> dict[str, tuple[int, ...]]:
         **{path: (meta.n_samples,) for path in fmt.SAMPLE_ARRAYS},
         "vocab_rank": (meta.vocab_size,),
         "shard_done": (meta.n_shards,),
+        **shape,
     }
 
 

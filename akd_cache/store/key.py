@@ -39,6 +39,7 @@ class CacheIngredients:
     truncation: str
     k: int
     temperature: float
+    tail_shape: bool
     value_code_max: int = CODE_MAX
     format_version: int = FORMAT_VERSION
 

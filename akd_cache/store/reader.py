@@ -35,7 +35,7 @@ class CachedSample:
     target_logprob: np.ndarray  # [L - P] float32
 
 
-DenseTailMode = Literal["uniform", "renormalize"]
+DenseTailMode = Literal["uniform", "shape", "renormalize"]
 """The tail modes that define a full-vocabulary teacher distribution (Stage 2's names).
 
 ``bucket`` is not one of them: it compares only the tail's total mass with the student's, so it
@@ -49,15 +49,30 @@ def dense_logprobs(
     tail_logmass: np.ndarray,
     vocab_size: int,
     tail_mode: DenseTailMode,
+    log_tail_shape: np.ndarray | None = None,
 ) -> np.ndarray:
     """The teacher distribution Stage 2 trains against, as [n, V] float32 log-probs.
 
     - ``uniform``: the exact tail mass spread evenly over the V - k ids outside the top-k.
       (Stage 2 floors an empty tail at float64 eps to keep RKL finite; here it stays -inf.)
+    - ``shape``: the exact tail mass spread over the ids outside the row's top-k in proportion
+      to the cache's tail shape s (`log_tail_shape` = log s, [V]).
     - ``renormalize``: the top-k alone, rescaled to sum to 1; every other id gets -inf, so the
       KL from a full teacher is infinite wherever the tail is not empty.
     """
     n, k = topk_ids.shape
+    if (tail_mode == "shape") != (log_tail_shape is not None):
+        raise ValueError("log_tail_shape is needed by the 'shape' tail mode and by no other")
+    if tail_mode == "shape":
+        log_s = log_tail_shape.astype(np.float64)
+        outside = np.ones((n, vocab_size), dtype=bool)
+        np.put_along_axis(outside, topk_ids, False, axis=1)
+        peak = log_s.max()
+        with np.errstate(divide="ignore"):
+            log_w_out = peak + np.log(np.where(outside, np.exp(log_s - peak), 0.0).sum(axis=1))
+        dense = tail_logmass.astype(np.float64)[:, None] - log_w_out[:, None] + log_s[None, :]
+        np.put_along_axis(dense, topk_ids, topk_logprobs.astype(np.float64), axis=1)
+        return dense.astype(np.float32)
     if tail_mode == "uniform":
         fill = (tail_logmass.astype(np.float64) - math.log(vocab_size - k)
                 if k < vocab_size else np.full(n, -np.inf))
@@ -105,6 +120,10 @@ class TeacherCache:
             self._tables = integrity.read_tables(self.group)
             self.sample_ids = self.group["samples/sample_id"][:]
             vocab_rank = self.group["vocab_rank"][:].astype(np.int64)
+            # log of the tail shape [V] (`store.format`), or None for a cache without one
+            self.log_tail_shape: np.ndarray | None = (
+                self.group[fmt.TAIL_SHAPE][:] if meta.ingredients["tail_shape"] else None
+            )
         except (KeyError, *integrity.DECODE_ERRORS):
             damage = integrity.find_damage(self.group, location, meta, full=True)
             raise integrity.damage_error(location, damage) from None
@@ -115,7 +134,9 @@ class TeacherCache:
                         ("ids", "codes", "tail_logmass", "target_logprob")}
         self._arrays["tokens"] = self.group["tokens"]
         self.shard_rows = self._arrays["ids"].shards[0]
-        row_blocks = self.shard_rows // self._arrays["ids"].chunks[0]
+        # entries per decoded block: the arrays' chunks, as zarr decodes whole chunks anyway
+        self._block_sizes = {name: array.chunks[0] for name, array in self._arrays.items()}
+        row_blocks = self.shard_rows // self._block_sizes["ids"]
         self._block = functools.lru_cache(
             maxsize=(len(self._arrays) - 1) * row_blocks + self._token_blocks_per_shard()
         )(self._read_block)
@@ -132,21 +153,20 @@ class TeacherCache:
         np.maximum.at(last, shards, starts + lengths)
         used = last > 0
         span = (last[used] - first[used]).max()
-        return int(span) // self._arrays["tokens"].chunks[0] + 2
+        return int(span) // self._block_sizes["tokens"] + 2
 
     def _read(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
         return integrity.read_guarded(array, slice(start, stop), self._index, self.location)
 
     def _read_block(self, name: str, block: int) -> np.ndarray:
-        array = self._arrays[name]
-        size = array.chunks[0]
+        array, size = self._arrays[name], self._block_sizes[name]
         return self._read(array, block * size, min((block + 1) * size, array.shape[0]))
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Entries [start, stop) of a row array or `tokens`, through a cache of decoded chunks:
         zarr decodes a whole chunk per read anyway (and each read costs ~1 ms of overhead),
         and a sample's neighbours in the trainer's shard-by-shard order are in the same one."""
-        size = self._arrays[name].chunks[0]
+        size = self._block_sizes[name]
         first, last = start // size, (stop - 1) // size
         parts = [self._block(name, b) for b in range(first, last + 1)]
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -212,9 +232,13 @@ class TeacherCache:
     def dense_logprobs(self, index: int, tail_mode: DenseTailMode) -> np.ndarray:
         """Sample `index`'s teacher rows over the full vocabulary, [L - P, V] float32 log-probs,
         under `tail_mode`'s assumption about the tail (see `dense_logprobs`)."""
+        if tail_mode == "shape" and self.log_tail_shape is None:
+            raise CacheError(f"{self.location}: no tail shape stored (built without "
+                             "cache.tail_shape), so the 'shape' tail mode has no distribution")
         sample = self[index]
         return dense_logprobs(sample.topk_ids, sample.topk_logprobs, sample.tail_logmass,
-                              self.meta.vocab_size, tail_mode)
+                              self.meta.vocab_size, tail_mode,
+                              self.log_tail_shape if tail_mode == "shape" else None)
 
 
 class CacheDataset(torch.utils.data.Dataset):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,6 +40,17 @@ class TeacherBackend(Protocol):
     """Scores token sequences; the batch order in and out is the same."""
 
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]: ...
+
+
+@runtime_checkable
+class TailShapeBackend(Protocol):
+    """A backend that sees the whole distribution, so it can measure a cache's tail shape."""
+
+    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
+        """[V] float64: over the samples' loss rows, the mean of each row's distribution outside
+        its top-k, normalised to 1 (`store.format.log_tail_shape` turns it into the stored
+        shape)."""
+        ...
 
 
 def tail_from_topk(topk_logprobs: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from akd_cache.store import format as fmt
 from akd_cache.store import integrity
 from akd_cache.store.key import CacheIngredients, hash_key
 from akd_cache.store.lock import WriterLock
-from akd_cache.store.rows import TeacherBackend, TeacherRows, TokenizedSample
+from akd_cache.store.rows import TailShapeBackend, TeacherBackend, TeacherRows, TokenizedSample
 from akd_cache.store.stats import cache_stats
 
 SCORE_BATCH_SAMPLES = 64
@@ -110,12 +110,19 @@ def open_or_init(
         k=ingredients.k, vocab_size=vocab_size, n_tokens=fresh.n_tokens,
     )
     tokens = write_tables(group, samples, plan, vocab_size)
-    calibration = teacher().score(calibration_samples(samples))
-    calibration_ids = np.concatenate([r.topk_ids for r in calibration])
+    calibration = calibration_samples(samples)
+    calibration_ids = np.concatenate([r.topk_ids for r in teacher().score(calibration)])
+    common = {"compressors": fmt.CODECS, "config": fmt.WRITE_EVERY_CHUNK, "overwrite": True}
     group.create_array(
-        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size),
-        compressors=fmt.CODECS, config=fmt.WRITE_EVERY_CHUNK, overwrite=True,
+        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), **common
     )
+    if ingredients.tail_shape:
+        backend = teacher()
+        if not isinstance(backend, TailShapeBackend):
+            raise ConfigError(f"cache.tail_shape: the {type(backend).__name__} teacher backend "
+                              "cannot measure a tail shape; use teacher.backend 'hf'")
+        mean_tail = backend.mean_tail(calibration)
+        group.create_array(fmt.TAIL_SHAPE, data=fmt.log_tail_shape(mean_tail), **common)
     fresh.write(group)
     return group, plan
 
@@ -199,13 +206,15 @@ def repair(
     plan: ShardPlan, vocab_size: int,
 ) -> None:
     """Check every stored byte; mark damaged row shards to be computed again and rewrite damaged
-    sample tables. A damaged `vocab_rank` or array definition cannot be restored exactly."""
+    sample tables. A damaged `vocab_rank`, `tail_shape` or array definition cannot be restored
+    exactly."""
     damage = integrity.find_damage(group, location, meta, full=True)
     if not damage:
         return
     for d in damage:
         log.warning("%s; rewriting it", d.line(location))
-    lost = [d for d in damage if d.array == "vocab_rank" or d.file.endswith("zarr.json")]
+    lost = [d for d in damage
+            if d.array in ("vocab_rank", fmt.TAIL_SHAPE) or d.file.endswith("zarr.json")]
     if lost:
         raise DamageError(f"{lost[0].line(location)}; this cannot be rewritten exactly: move "
                           f"{location} away and run `akd cache-teacher` again")

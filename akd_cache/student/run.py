@@ -26,6 +26,7 @@ from akd_cache.student.checkpoints import (
     discard_checkpoints,
     last_complete_checkpoint,
 )
+from akd_cache.student.loss import LossSettings
 from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
@@ -60,6 +61,21 @@ def training_data(
     return cache_dataset(cache, experiment, train), cache.key
 
 
+def cached_tail_shape(
+    experiment: Experiment, train: TrainConfig, cache_location: str
+) -> torch.Tensor | None:
+    """The cache's tail shape, when the experiment trains on the cache in the 'shape' mode."""
+    settings = LossSettings.of(experiment, train)
+    online = isinstance(experiment, DistillationExperiment) and experiment.online
+    if not settings.distill or online or settings.tail_mode != "shape":
+        return None
+    shape = TeacherCache(cache_location).log_tail_shape
+    if shape is None:
+        raise CacheError(f"{cache_location}: tail_mode 'shape' needs a tail shape, and this "
+                         "cache has none: build it with cache.tail_shape: true")
+    return torch.from_numpy(shape)
+
+
 def train_experiment(
     cache_location: str, student_path: str, experiment: Experiment, train: TrainConfig,
     out: Path, name: str, generations: str | None = None, cache_cfg: CacheConfig = DEFAULT_CACHE,
@@ -89,7 +105,8 @@ def train_experiment(
         settings["teacher"] = teacher.model_dump()
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = DistillTrainer(
-        model=DistillationModule(student, experiment, train, live_teacher),
+        model=DistillationModule(student, experiment, train, live_teacher,
+                                 cached_tail_shape(experiment, train, cache_location)),
         args=training_arguments(train, checkpoints),
         train_dataset=dataset,
         data_collator=collate,

@@ -57,7 +57,9 @@ class DistillationModule(torch.nn.Module):
     (and DDP) wraps."""
 
     def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig,
-                 teacher: PreTrainedModel | None = None):
+                 teacher: PreTrainedModel | None = None,
+                 log_tail_shape: torch.Tensor | None = None):
+        """`log_tail_shape`: the cache's tail shape [V], for the 'shape' tail mode only."""
         super().__init__()
         online = isinstance(experiment, DistillationExperiment) and experiment.online
         if online != (teacher is not None):
@@ -65,6 +67,7 @@ class DistillationModule(torch.nn.Module):
         self.student = student
         self.teacher = teacher
         self.loss_settings = LossSettings.of(experiment, train)
+        self.register_buffer("log_tail_shape", log_tail_shape, persistent=False)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """The teacher stays in eval mode (no dropout) while the student trains."""
@@ -91,7 +94,7 @@ class DistillationModule(torch.nn.Module):
         lm = self._causal_lm()
         hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.teacher is None:
-            teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass)
+            teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass, self.log_tail_shape)
         else:
             with torch.no_grad():
                 teacher_hidden = self.teacher.base_model(

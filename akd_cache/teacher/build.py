@@ -54,6 +54,7 @@ def make_ingredients(
         truncation=cache.truncation,
         k=cache.k,
         temperature=cache.temperature,
+        tail_shape=cache.tail_shape,
     )
 
 
@@ -63,7 +64,7 @@ SETTING_OF_INGREDIENT = {
     "teacher_dtype": "teacher.dtype", "heldout": "data.heldout", "split_seed": "data.seed",
     "max_train_samples": "data.max_train_samples", "template": "cache.template",
     "max_length": "cache.max_length", "truncation": "cache.truncation", "k": "cache.k",
-    "temperature": "cache.temperature",
+    "temperature": "cache.temperature", "tail_shape": "cache.tail_shape",
 }
 
 

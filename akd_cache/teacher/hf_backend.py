@@ -76,7 +76,26 @@ class HFTeacher:
                 results[index] = rows
         return results  # type: ignore[return-value]
 
-    def _score_batch(self, samples: list[TokenizedSample]) -> list[TeacherRows]:
+    @torch.inference_mode()
+    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
+        """Over every loss row, the mean of the distribution outside the row's top-k, each
+        normalised to 1 (`store.rows.TailShapeBackend`), at the cache's temperature."""
+        if self.k >= self.vocab_size:
+            raise ModelError(f"k = {self.k} covers the whole vocabulary: there is no tail to shape")
+        total = torch.zeros(self.vocab_size, dtype=torch.float64)
+        rows = 0
+        lengths = [len(s.input_ids) for s in samples]
+        for batch in length_buckets(lengths, self.batch_tokens):
+            row_hidden, _ = self._row_hidden([samples[i] for i in batch])
+            for start in range(0, len(row_hidden), self.rows_per_chunk):
+                logits = self._logits(row_hidden[start : start + self.rows_per_chunk])
+                tail = logits.scatter(-1, logits.topk(self.k, dim=-1).indices, float("-inf"))
+                total += tail.sub_(tail.logsumexp(-1, keepdim=True)).exp_().sum(0).cpu()
+                rows += len(logits)
+        return (total / rows).numpy()
+
+    def _row_hidden(self, samples: list[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states at every loss row of the batch, and the rows' next tokens."""
         width = max(len(s.input_ids) for s in samples)
         ids = torch.zeros(len(samples), width, dtype=torch.long)
         mask = torch.zeros(len(samples), width, dtype=torch.long)
@@ -92,6 +111,15 @@ class HFTeacher:
         targets = torch.cat(
             [torch.tensor(s.input_ids[s.prompt_len :]) for s in samples]
         ).to(self.device)
+        return row_hidden, targets
+
+    def _logits(self, row_hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits at the cache's temperature (and the model's own logit scale)."""
+        head = self.model.get_output_embeddings()
+        return head(row_hidden).float() * (self.logit_scale / self.temperature)
+
+    def _score_batch(self, samples: list[TokenizedSample]) -> list[TeacherRows]:
+        row_hidden, targets = self._row_hidden(samples)
         topk_ids, topk_lp, tail, target_lp = self._lm_head_topk(row_hidden, targets)
         out, start = [], 0
         for s in samples:
@@ -106,11 +134,10 @@ class HFTeacher:
     def _lm_head_topk(
         self, row_hidden: torch.Tensor, targets: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        head = self.model.get_output_embeddings()
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         for start in range(0, len(row_hidden), self.rows_per_chunk):
             h = row_hidden[start : start + self.rows_per_chunk]
-            logits = head(h).float() * (self.logit_scale / self.temperature)
+            logits = self._logits(h)
             log_norm = logits.logsumexp(-1)
             values, ids = logits.topk(self.k, dim=-1)
             tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_norm
