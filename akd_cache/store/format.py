@@ -67,12 +67,10 @@ _CODE_LOGP = np.log(_CODE_P)
 INNER_CHUNK_ROWS = 4096
 TOKEN_CHUNK = 1 << 16
 BLOSC_BLOCK_BYTES = 1 << 20
-# The delta-coded ids are mostly small numbers whose high bits are zero: bit-shuffled, zstd-1
-# packs them 1 B/row smaller than byte-shuffled zstd-3 and ~4x faster (docs/benchmarks.md).
-# The codec is in each array's metadata, so caches written with zstd-3 still read.
-ID_COMPRESSOR = BloscCodec(
-    cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=BLOSC_BLOCK_BYTES
-)
+# zstd-3 on the ids, the bulk of the bytes (zstd-1 or bit shuffling would write 10% faster for
+# 1.5-3.3 B/token more: docs/benchmarks.md); zstd-1 elsewhere compresses as well and 10x faster.
+# The codec is in each array's metadata, so a cache written with another one still reads.
+ID_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 CHECKSUM = Crc32cCodec()  # last, so it covers the compressed bytes and is checked first on read
 ID_CODECS = (ID_COMPRESSOR, CHECKSUM)
