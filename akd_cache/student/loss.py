@@ -381,7 +381,7 @@ def _chunk_loss_and_grad(
         log_q = logits / temperature
     else:
         log_q = logits if temperature == 1.0 else logits.div_(temperature)
-    log_q.sub_(log_q.logsumexp(-1, keepdim=True))
+    torch.log_softmax(log_q, -1, out=log_q)  # in place: one fused pass, no [c, V] temporary
     if ce_coef is not None and not separate_ce:
         nll = -log_q.gather(-1, targets)[:, 0]
     stats = _student_stats(log_q, topk_ids, mode, shape)
