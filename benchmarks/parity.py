@@ -133,7 +133,8 @@ def table(args: argparse.Namespace, results: dict[str, dict]) -> str:
                 continue
             rel = [(c - o) / o for c, o in zip(values(method, way, key),
                                                values(method, ONLINE, key), strict=True)]
-            gaps.append(f"{100 * statistics.fmean(rel):+.1f}% (max {100 * max(rel, key=abs):+.1f}%)")
+            worst = max(rel, key=abs)
+            gaps.append(f"{100 * statistics.fmean(rel):+.1f}% (max {100 * worst:+.1f}%)")
         lines.append(
             f"| {method} | {way} | {mean_sd(values(method, way, 'fkl'))} | "
             f"{mean_sd(values(method, way, 'rkl'))} | {gaps[0]} | {gaps[1]} | "

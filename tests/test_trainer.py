@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from akd_cache.config import (
 )
 from akd_cache.data.instructions import Example
 from akd_cache.errors import CacheError
-from akd_cache.store.reader import TeacherCache, collate
+from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.loss import topk_divergences
 from akd_cache.student.run import train_experiment
 from akd_cache.student.trainer import DistillationModule, DistillTrainer
@@ -109,7 +110,8 @@ def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_
     assert resumed["steps"] == straight["steps"] == 4
 
 
-def test_dataloader_workers_change_nothing_but_who_reads(cache_and_student, tmp_path):
+def test_dataloader_workers_change_nothing_but_who_reads(cache_and_student, tmp_path,
+                                                        monkeypatch):
     """Worker processes (forked, each with its own decoded-chunk cache) feed the same batches in
     the same order: the losses and the trained weights are identical. (The student has no
     dropout: PyTorch seeds the workers from the global RNG, which moves dropout's stream.)"""
@@ -119,11 +121,23 @@ def test_dataloader_workers_change_nothing_but_who_reads(cache_and_student, tmp_
     model.save_pretrained(tmp_path / "student")
     AutoTokenizer.from_pretrained(student).save_pretrained(tmp_path / "student")
     experiment = AKD(beta=0.1)
+    readers = tmp_path / "reader_pids"
+    original = CacheDataset.__getitem__
+
+    def record_reader(self, index):
+        with readers.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(self, index)
+
+    monkeypatch.setattr(CacheDataset, "__getitem__", record_reader)
     inline = train_experiment(location, str(tmp_path / "student"), experiment, TRAIN,
                               tmp_path / "a", "x")
+    assert set(readers.read_text().split()) == {str(os.getpid())}
+    readers.unlink()
     workers = train_experiment(location, str(tmp_path / "student"), experiment,
                                TRAIN.model_copy(update={"dataloader_workers": 2}),
                                tmp_path / "b", "x")
+    assert str(os.getpid()) not in set(readers.read_text().split())  # only workers read
     weights_a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     weights_b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)

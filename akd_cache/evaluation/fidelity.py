@@ -66,13 +66,9 @@ def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
     return logits if head.bias is None else logits + head.bias.float()
 
 
-def cache_metrics(modes: Sequence[str]) -> tuple[str, ...]:
-    return tuple(f"{d}_{m}" for m in modes for d in ("fkl", "rkl"))
-
-
 def _chunk_metrics(
     student_logits: Tensor, teacher_logits: Tensor | None, rows: Mapping[str, Tensor],
-    temperature: float, log_tail_shape: Tensor | None,
+    temperature: float, modes: Sequence[str], log_tail_shape: Tensor | None,
 ) -> dict[str, Tensor]:
     """Per-position metrics of one chunk of loss positions."""
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
@@ -81,8 +77,7 @@ def _chunk_metrics(
             -1, rows["labels"][:, None])[:, 0],
         "student_tail_mass": 1 - log_q.gather(-1, rows["topk_ids"]).exp().sum(-1),
     }
-    shape_mode = () if log_tail_shape is None else (SHAPE_MODE,)
-    for mode in (*CACHE_VIEW_MODES, *shape_mode):
+    for mode in modes:
         div = topk_divergences(
             student_logits, rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], None,
             temperature=temperature, mode=mode,
@@ -120,8 +115,8 @@ def per_sample_fidelity(
         )
     shape = None if cache.log_tail_shape is None else torch.from_numpy(cache.log_tail_shape)
     modes = (*CACHE_VIEW_MODES, *(() if shape is None else (SHAPE_MODE,)))
-    names = [*STUDENT_METRICS, *cache_metrics(modes),
-             *(EXACT_METRICS if teacher is not None else ())]
+    cache_metrics = [f"{d}_{m}" for m in modes for d in ("fkl", "rkl")]
+    names = [*STUDENT_METRICS, *cache_metrics, *(EXACT_METRICS if teacher is not None else ())]
     sums = {model: {m: np.zeros(len(cache)) for m in names} for model in students}
     lengths = np.zeros(len(cache))
     for start in tqdm(range(0, len(cache), batch_size), desc="fidelity", unit="batch"):
@@ -140,7 +135,8 @@ def per_sample_fidelity(
                 metrics = _chunk_metrics(
                     _logits(student, student_hidden[part]),
                     _logits(teacher, teacher_hidden[part]) if teacher is not None else None,
-                    {name: value[part] for name, value in rows.items()}, temperature, shape,
+                    {name: value[part] for name, value in rows.items()}, temperature, modes,
+                    shape,
                 )
                 where = sample_of[part].numpy()
                 for name, value in metrics.items():

@@ -8,9 +8,9 @@ no manual step. A lock of a writer on another host cannot be checked; if that wr
 Atomic create: on a local filesystem `O_EXCL`; on an object store, which has no atomic rename,
 a conditional write (`fs.pipe_file(..., mode="create")`). s3fs sends that as a PUT with
 `If-None-Match: *`, which S3 (since 2024-08) and moto answer with 412 when the object exists,
-so of two writers racing for one lock exactly one gets it (tests/test_s3_cache.py checks this against
-moto). Filesystems without conditional writes fall back to fsspec's check-then-write, which a
-race between two writers starting at the same instant can slip through.
+so of two writers racing for one lock exactly one gets it (tests/test_s3_cache.py checks this
+against moto). Filesystems without conditional writes fall back to fsspec's check-then-write,
+which a race between two writers starting at the same instant can slip through.
 """
 
 from __future__ import annotations

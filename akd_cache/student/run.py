@@ -62,18 +62,19 @@ def training_data(
 
 
 def cached_tail_shape(
-    experiment: Experiment, train: TrainConfig, cache_location: str
+    experiment: Experiment, train: TrainConfig, dataset: torch.utils.data.Dataset
 ) -> torch.Tensor | None:
-    """The cache's tail shape, when the experiment trains on the cache in the 'shape' mode."""
+    """The tail shape of the cache behind `dataset`, when the experiment trains on the cache in
+    the 'shape' mode (a distillation dataset is always a `CacheDataset`)."""
     settings = LossSettings.of(experiment, train)
     online = isinstance(experiment, DistillationExperiment) and experiment.online
     if not settings.distill or online or settings.tail_mode != "shape":
         return None
-    shape = TeacherCache(cache_location).log_tail_shape
-    if shape is None:
-        raise CacheError(f"{cache_location}: tail_mode 'shape' needs a tail shape, and this "
+    cache = dataset.cache
+    if cache.log_tail_shape is None:
+        raise CacheError(f"{cache.location}: tail_mode 'shape' needs a tail shape, and this "
                          "cache has none: build it with cache.tail_shape: true")
-    return torch.from_numpy(shape)
+    return torch.from_numpy(cache.log_tail_shape)
 
 
 def train_experiment(
@@ -106,7 +107,7 @@ def train_experiment(
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train, live_teacher,
-                                 cached_tail_shape(experiment, train, cache_location)),
+                                 cached_tail_shape(experiment, train, dataset)),
         args=training_arguments(train, checkpoints),
         train_dataset=dataset,
         data_collator=collate,
