@@ -18,7 +18,7 @@ from akd_cache.errors import ConfigError
 TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"]
 TruncationPolicy = Literal["truncate_response", "drop"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
-TailMode = Literal["bucket", "renormalize", "uniform", "shape"]
+TailMode = Literal["bucket", "renormalize", "uniform", "shape", "lowrank"]
 
 
 class Strict(BaseModel):
@@ -82,6 +82,11 @@ class CacheConfig(Strict):
     tail_shape: bool = Field(
         False, description="also store the teacher's mean distribution over the ids outside its "
         "top-k (one [V] array per cache), for train.tail_mode 'shape'; needs the hf backend",
+    )
+    tail_rank: int = Field(
+        0, ge=0, description="also store each row's final hidden state in this many dimensions "
+        "(int16, the principal directions of the logits), for train.tail_mode 'lowrank'; "
+        "0: none; needs the hf backend",
     )
 
 
@@ -304,17 +309,23 @@ class Profile(Strict):
         if self.cache.tail_shape and self.teacher.backend != "hf":
             raise ValueError("cache.tail_shape needs teacher.backend 'hf': vLLM returns only "
                              "the top log-probs, not the whole distribution the shape averages")
+        if self.cache.tail_rank and self.teacher.backend != "hf":
+            raise ValueError("cache.tail_rank needs teacher.backend 'hf': vLLM returns only "
+                             "the top log-probs, not the hidden states the code is made of")
         return self
 
     def check_tail_mode(self, tail_mode: str | None, where: str) -> None:
-        """The 'shape' tail mode reads the cache's tail shape, and tempering assumes a uniform
-        tail: refuse what this profile cannot train."""
-        if (tail_mode or self.train.tail_mode) != "shape":
+        """The 'shape' and 'lowrank' tail modes read what the cache stores for them, and
+        tempering assumes a uniform tail: refuse what this profile cannot train."""
+        mode = tail_mode or self.train.tail_mode
+        if mode not in ("shape", "lowrank"):
             return
-        if not self.cache.tail_shape:
+        if mode == "shape" and not self.cache.tail_shape:
             raise ValueError(f"{where}: tail_mode 'shape' needs cache.tail_shape: true")
+        if mode == "lowrank" and not self.cache.tail_rank:
+            raise ValueError(f"{where}: tail_mode 'lowrank' needs cache.tail_rank > 0")
         if self.train.temper_cache:
-            raise ValueError(f"{where}: tail_mode 'shape' does not apply with "
+            raise ValueError(f"{where}: tail_mode {mode!r} does not apply with "
                              "train.temper_cache (tempering assumes a uniform tail)")
 
     @model_validator(mode="after")

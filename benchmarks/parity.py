@@ -3,8 +3,10 @@ ends? And does distillation beat SFT on held-out samples?
 
 For each method (kd, rkd, akd) and seed, the same experiment trains several ways: from the k = 64
 cache with the bucket tail, with the uniform tail, with the stored tail shape (`--ways ... shape`,
-for a cache built with `cache.tail_shape: true`), and online against the live teacher (same data
-order, seed and Trainer; only the teacher's distribution differs). SFT trains
+for a cache built with `cache.tail_shape: true`), with the per-row tail code (`--ways ...
+lowrank`: the same training split cached again with `cache.tail_rank: --tail-rank`, built here
+once, next to the demo's cache), and online against the live teacher (same data order, seed and
+Trainer; only the teacher's distribution differs). SFT trains
 once per seed as the no-teacher baseline. Every student is then measured with `akd fidelity`'s
 held-out exact FKL / RKL against the live teacher. Run from the repository root after the demo's
 Stage 1 (`dvc repro cache_teacher cache_heldout`):
@@ -33,16 +35,20 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from akd_cache.config import AKD, KD, RKD, SFT, Experiment, ModelRef, load_params
+from akd_cache.config import AKD, KD, RKD, SFT, Experiment, ModelRef, Profile, load_params
+from akd_cache.data.instructions import read_examples
 from akd_cache.evaluation.fidelity import per_sample_fidelity
 from akd_cache.models.resolve import resolve_model
 from akd_cache.report.plots import series
 from akd_cache.store.reader import TeacherCache
 from akd_cache.student.run import train_experiment
-from stages.common import HELDOUT_CACHE_POINTER, TEACHER_CACHE_POINTER
+from akd_cache.teacher.build import build_cache
+from stages.common import HELDOUT_CACHE_POINTER, PREPARED_DIR, TEACHER_CACHE_POINTER
 
 METHODS = {"kd": KD, "rkd": RKD, "akd": AKD}
-WAYS = ("bucket", "uniform", "shape", "online")
+WAYS = ("bucket", "uniform", "shape", "lowrank", "online")
+LOWRANK = "lowrank"
+DEFAULT_TAIL_RANK = 64
 DEFAULT_WAYS = ("bucket", "uniform", "online")
 ONLINE = "online"
 BASELINE = "sft"
@@ -62,10 +68,22 @@ def runs(methods: list[str], ways: list[str]) -> list[tuple[str, str]]:
     return [(BASELINE, "reference")] + [(m, w) for m in methods for w in ways]
 
 
+def coded_cache(profile: Profile, rank: int) -> dict[str, str]:
+    """The demo's training split cached with a tail code of `rank` (its own key: built once)."""
+    examples = read_examples(PREPARED_DIR / "train.jsonl")
+    summary = json.loads((PREPARED_DIR / "summary.json").read_text())
+    cache = profile.cache.model_copy(update={"tail_rank": rank})
+    built = build_cache(profile.teacher, profile.data, cache, examples, summary["dataset_sha256"])
+    return {"key": built.key, "location": built.location}
+
+
 def train_all(args: argparse.Namespace) -> dict[str, Path]:
     params = load_params(args.params)
     profile = params.active
-    cache = json.loads(TEACHER_CACHE_POINTER.read_text())
+    caches = {way: json.loads(TEACHER_CACHE_POINTER.read_text()) for way in args.ways}
+    if LOWRANK in args.ways:
+        caches[LOWRANK] = coded_cache(profile, args.tail_rank)
+    caches[BASELINE] = caches[ONLINE]
     teacher = ModelRef(model=resolve_model(profile.teacher.model, "teacher.model",
                                            profile.teacher.revision),
                        revision=profile.teacher.revision)
@@ -80,6 +98,7 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
             if (out / "metrics.json").is_file():
                 continue
             print(f"parity: training {name}", flush=True)
+            cache = caches[BASELINE if method == BASELINE else way]
             metrics = train_experiment(cache["location"], student, experiment(method, way), train,
                                        out, name, cache_cfg=profile.cache, teacher=teacher,
                                        cache_key=cache["key"])
@@ -179,6 +198,8 @@ def main() -> None:
                         help="where the teacher's distribution comes from; online is the "
                              "reference every cache way is compared with")
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: the profile's epochs")
+    parser.add_argument("--tail-rank", type=int, default=DEFAULT_TAIL_RANK,
+                        help="the tail code's rank for the lowrank way")
     parser.add_argument("--out", type=Path, default=Path("runs/parity"))
     args = parser.parse_args()
     if ONLINE not in args.ways:

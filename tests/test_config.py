@@ -159,3 +159,21 @@ def test_the_shape_tail_mode_is_not_tempered(tmp_path):
                                      "temper_cache": True}
     with pytest.raises(ConfigError, match="does not apply with train.temper_cache"):
         load_params(write(tmp_path, doc))
+
+
+def test_the_lowrank_tail_mode_needs_a_tail_code_from_the_hf_backend(tmp_path):
+    doc = with_experiments(kd={"method": "kd", "tail_mode": "lowrank"})
+    with pytest.raises(ConfigError, match="experiments.kd: tail_mode 'lowrank' needs "
+                                          "cache.tail_rank > 0"):
+        load_params(write(tmp_path, doc))
+    doc["profiles"]["p"]["cache"] = {"tail_rank": 32}
+    assert load_params(write(tmp_path, doc)).experiments["kd"].tail_mode == "lowrank"
+    doc["profiles"]["p"]["teacher"]["backend"] = "vllm"
+    with pytest.raises(ConfigError, match="cache.tail_rank needs teacher.backend 'hf'"):
+        load_params(write(tmp_path, doc))
+    tempered = minimal()
+    tempered["profiles"]["p"]["cache"] = {"tail_rank": 32}
+    tempered["profiles"]["p"]["train"] = {"tail_mode": "lowrank", "temperature": 2.0,
+                                          "temper_cache": True}
+    with pytest.raises(ConfigError, match="'lowrank' does not apply with train.temper_cache"):
+        load_params(write(tmp_path, tempered))

@@ -43,9 +43,42 @@ def random_log_shape(vocab: int, *, seed: int) -> torch.Tensor:
     return torch.randn(vocab, generator=gen, dtype=F64) * 2.0
 
 
-def tail_kwargs(mode: str, vocab: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """What a tail mode needs beyond the cached rows: a random tail shape for "shape"."""
+TAIL_RANK = 3
+
+
+def random_tail_code(rows: int, vocab: int, *, seed: int) -> dict[str, object]:
+    """A random tail code: every row's z [rows, r], the basis [V, r] and bias [V]."""
+    gen = torch.Generator().manual_seed(seed + 3000)
+    return {"tail_code": torch.randn(rows, TAIL_RANK, generator=gen, dtype=F64),
+            "tail_code_basis": (torch.randn(vocab, TAIL_RANK, generator=gen, dtype=F64),
+                                torch.randn(vocab, generator=gen, dtype=F64))}
+
+
+def tail_kwargs(mode: str, vocab: int, *, seed: int = 0, rows: int = 0) -> dict[str, object]:
+    """What a tail mode needs beyond the cached rows: a random tail shape for "shape", a random
+    tail code of `rows` rows for "lowrank"."""
+    if mode == "lowrank":
+        return random_tail_code(rows, vocab, seed=seed)
     return {"log_tail_shape": random_log_shape(vocab, seed=seed)} if mode == "shape" else {}
+
+
+def dense_lowrank_teacher(top_lp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor,
+                          tail_code: torch.Tensor,
+                          tail_code_basis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mode "lowrank" written out row by row in float64: the top-k values, and the tail mass
+    spread over the other ids in proportion to exp(bias + basis z)."""
+    basis, bias = tail_code_basis
+    n, vocab = ids.shape[0], basis.shape[0]
+    p = torch.zeros(n, vocab, dtype=F64)
+    for row in range(n):
+        top = set(ids[row].tolist())
+        weights = {v: math.exp(float(bias[v] + basis[v] @ tail_code[row]))
+                   for v in range(vocab) if v not in top}
+        total = sum(weights.values())
+        for v in range(vocab):
+            p[row, v] = (math.exp(float(top_lp[row, ids[row].tolist().index(v)])) if v in top
+                         else math.exp(float(tail[row])) * weights[v] / total)
+    return p
 
 
 def dense_shape_teacher(
@@ -88,9 +121,12 @@ def naive_mode_kl(
     tail: torch.Tensor,
     mode: str,
     log_tail_shape: torch.Tensor | None = None,
+    **tail_code: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each tail mode written out as explicit distributions, then the exact KL of those."""
     n, vocab = q.shape
+    if mode == "lowrank":
+        return exact_kl(dense_lowrank_teacher(p.gather(-1, ids).log(), ids, tail, **tail_code), q)
     if mode == "shape":
         return exact_kl(dense_shape_teacher(p.gather(-1, ids).log(), ids, tail, log_tail_shape), q)
     top_p = p.gather(-1, ids)
@@ -120,7 +156,7 @@ def test_full_vocabulary_topk_is_exact(mode: str, temperature: float) -> None:
     assert torch.isneginf(tail).all()
     logits = student_logits(n, vocab, seed=0)
     div = topk_divergences(logits, ids, top_lp, tail, None, temperature=temperature, mode=mode,
-                           **tail_kwargs(mode, vocab))
+                           **tail_kwargs(mode, vocab, rows=n))
     fkl, rkl = exact_kl(p, (logits / temperature).softmax(-1))
     torch.testing.assert_close(div.fkl, fkl)
     torch.testing.assert_close(div.rkl, rkl)
@@ -132,7 +168,7 @@ def test_each_mode_matches_its_naive_definition(mode: str) -> None:
     n, vocab, k = 5, 13, 4
     p, ids, top_lp, tail = make_teacher(n, vocab, k, seed=1)
     logits = student_logits(n, vocab, seed=1)
-    extra = tail_kwargs(mode, vocab, seed=1)
+    extra = tail_kwargs(mode, vocab, seed=1, rows=n)
     div = topk_divergences(logits, ids, top_lp, tail, None, temperature=1.5, mode=mode, **extra)
     q = (logits / 1.5).softmax(-1)
     fkl, rkl = naive_mode_kl(p, q, ids, tail, mode, **extra)
@@ -199,7 +235,7 @@ def test_gradcheck_topk_divergences(mode: str, k: int) -> None:
 
     def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         div = topk_divergences(x, ids, top_lp, tail, mask, temperature=1.7, mode=mode,
-                               **tail_kwargs(mode, vocab, seed=2))
+                               **tail_kwargs(mode, vocab, seed=2, rows=n))
         return div.fkl, div.rkl
 
     assert torch.autograd.gradcheck(fn, (logits,))
@@ -216,7 +252,7 @@ def test_masked_positions_contribute_nothing(mode: str) -> None:
     tail[~mask] = math.nan
     logits = student_logits(n, vocab, seed=3).requires_grad_()
     div = topk_divergences(logits, ids, top_lp, tail, mask, mode=mode,
-                           **tail_kwargs(mode, vocab, seed=3))
+                           **tail_kwargs(mode, vocab, seed=3, rows=n))
     assert (div.fkl[~mask] == 0).all() and (div.rkl[~mask] == 0).all()
     assert (div.fkl[mask] > 0).all() and (div.rkl[mask] > 0).all()
     (div.fkl + div.rkl).sum().backward()
@@ -243,14 +279,14 @@ def test_leading_batch_dims() -> None:
         torch.testing.assert_close(got.reshape(-1), want)
 
 
-@pytest.mark.parametrize("mode", ["renormalize", "uniform", "shape"])
+@pytest.mark.parametrize("mode", ["renormalize", "uniform", "shape", "lowrank"])
 def test_rkl_is_nonnegative(mode: str) -> None:
     for seed in range(4):
         _, ids, top_lp, tail = make_teacher(32, 30, 6, seed=seed, scale=5.0)
         for scale in (0.01, 1.0, 8.0):
             logits = student_logits(32, 30, seed=seed, scale=scale).float()
             div = topk_divergences(logits, ids, top_lp.float(), tail.float(), None, mode=mode,
-                                   **tail_kwargs(mode, 30, seed=seed))
+                                   **tail_kwargs(mode, 30, seed=seed, rows=32))
             assert (div.rkl >= 0).all() and (div.fkl >= 0).all()
 
 
@@ -261,7 +297,7 @@ def test_empty_teacher_tail_stays_finite() -> None:
     logits = student_logits(4, 10, seed=5).requires_grad_()
     for mode in TAIL_MODES:
         div = topk_divergences(logits, ids, top_lp, tail, None, mode=mode,
-                               **tail_kwargs(mode, 10, seed=5))
+                               **tail_kwargs(mode, 10, seed=5, rows=4))
         (div.fkl + div.rkl).sum().backward()
         assert torch.isfinite(div.fkl).all() and torch.isfinite(div.rkl).all()
         assert torch.isfinite(logits.grad).all()
@@ -380,7 +416,7 @@ def test_fused_equals_naive(
 ) -> None:
     prob = fused_problem(23, 40, 8, k, seed=9)
     kwargs = {"temperature": temperature, "mode": mode, "t2_scale": True,
-              **tail_kwargs(mode, 40, seed=9)}
+              **tail_kwargs(mode, 40, seed=9, rows=23)}
     leaves = [prob[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
     loss, fkl, rkl = naive_loss(prob, *leaves, with_ce=with_ce, **kwargs)
     loss.backward()
@@ -451,7 +487,7 @@ def test_fused_gradcheck(mode: str, temperature: float) -> None:
     # Masked positions included; T = 1 shares the softmax with the CE term, T != 1 does not.
     prob = fused_problem(5, 7, 2, 3, seed=11)
     assert fused_gradcheck(prob, 3, mode=mode, temperature=temperature, t2_scale=True,
-                           **tail_kwargs(mode, 7, seed=11))
+                           **tail_kwargs(mode, 7, seed=11, rows=5))
 
 
 def test_fused_gradcheck_coefficients() -> None:
@@ -679,3 +715,60 @@ def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
     torch.testing.assert_close(run("shape", shape), want.detach())
     with pytest.raises(ValueError, match="'shape' needs log_tail_shape"):
         run("shape", None)
+
+
+def test_tail_code_is_required_by_lowrank_mode_and_refused_by_the_others() -> None:
+    n, vocab, k = 4, 10, 3
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=20)
+    logits = student_logits(n, vocab, seed=20)
+    prob = fused_problem(n, vocab, 3, k, seed=20)
+    code = random_tail_code(n, vocab, seed=20)
+    basis, bias = code["tail_code_basis"]
+
+    def fused(**kwargs: object) -> None:
+        run_fused(prob, prob["hidden"], prob["weight"], None, with_ce=False, **kwargs)
+
+    def plain(**kwargs: object) -> None:
+        topk_divergences(logits, ids, top_lp, tail, None, **kwargs)
+
+    for call in (fused, plain):
+        with pytest.raises(ValueError, match="'lowrank' needs tail_code"):
+            call(mode="lowrank")
+        with pytest.raises(ValueError, match="'lowrank' needs tail_code"):
+            call(mode="lowrank", tail_code=code["tail_code"])
+        for mode in ("bucket", "renormalize", "uniform", "shape"):
+            with pytest.raises(ValueError, match="applies to tail mode 'lowrank' only"):
+                call(mode=mode, **code, **({"log_tail_shape": bias} if mode == "shape" else {}))
+        with pytest.raises(ValueError, match=r"expected \(10, 3\) and \(10,\)"):
+            call(mode="lowrank", tail_code=code["tail_code"], tail_code_basis=(basis[:-1], bias))
+
+
+def test_distillation_loss_passes_the_tail_code_in_lowrank_mode_only() -> None:
+    """Through `distillation_loss`, [B, S] rows and their [B, S, r] codes line up: the loss is
+    the dense low-rank teacher's objective, and a code given to another mode is not read."""
+    gen = torch.Generator().manual_seed(21)
+    batch, seq, width, vocab, k = 2, 5, 6, 30, 4
+    hidden = torch.randn(batch, seq, width, generator=gen, dtype=F64)
+    head = torch.nn.Linear(width, vocab, dtype=F64)
+    _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=21)
+    rows = (ids.view(batch, seq, k), top_lp.view(batch, seq, k), tail.view(batch, seq))
+    loss_mask = torch.rand(batch, seq, generator=gen) > 0.3
+    labels = torch.randint(vocab, (batch, seq), generator=gen)
+    beta = torch.tensor(0.4, dtype=F64)
+    code = random_tail_code(batch * seq, vocab, seed=21)
+
+    def run(mode: str) -> torch.Tensor:
+        settings = LossSettings(distill=True, ce_weight=0.0, tail_mode=mode, chunk_size=3)
+        teacher = CachedTeacher(*rows, None, code["tail_code"].view(batch, seq, TAIL_RANK),
+                                code["tail_code_basis"])
+        return distillation_loss(hidden, head, teacher, loss_mask, labels, beta, settings).loss
+
+    p = dense_lowrank_teacher(top_lp, ids, tail, **code).view(batch, seq, vocab)
+    fkl, rkl = dense_kl(p, head(hidden).log_softmax(-1))
+    lengths = loss_mask.sum(1, keepdim=True).clamp(min=1)
+    want = (((1 - beta) * fkl + beta * rkl) * loss_mask / lengths).sum() / batch
+    torch.testing.assert_close(run("lowrank"), want.detach())
+    uniform = LossSettings(distill=True, ce_weight=0.0, tail_mode="uniform", chunk_size=3)
+    plain = distillation_loss(hidden, head, CachedTeacher(*rows), loss_mask, labels, beta,
+                              uniform).loss
+    torch.testing.assert_close(run("uniform"), plain)

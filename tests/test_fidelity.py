@@ -98,12 +98,14 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_samples():
     assert large.ci_low < 3.0 < large.ci_high
 
 
-def test_a_shape_cache_adds_its_view_equal_to_the_dense_shape_distribution(
-        tiny_models, codealpaca_rows, tmp_path):
-    """The shape view against KL computed from `reader.dense_logprobs(i, 'shape')`, [n, V]."""
+@pytest.mark.parametrize("mode,setting", [("shape", {"tail_shape": True}),
+                                          ("lowrank", {"tail_rank": 16})])
+def test_a_shape_or_code_cache_adds_its_view_equal_to_its_dense_distribution(
+        tiny_models, codealpaca_rows, tmp_path, mode, setting):
+    """The shape (lowrank) view against KL computed from `reader.dense_logprobs(i, mode)`."""
     location = str(tmp_path / "c")
     fill_tiny_cache(str(tiny_models["llama"]), codealpaca_rows[N_SAMPLES : 2 * N_SAMPLES],
-                    CacheConfig(k=K, max_length=128, temperature=T, tail_shape=True), location)
+                    CacheConfig(k=K, max_length=128, temperature=T, **setting), location)
     cache = TeacherCache(location)
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
     got = per_sample_fidelity({"s": student}, cache, None, temperature=T, batch_size=2,
@@ -114,9 +116,11 @@ def test_a_shape_cache_adds_its_view_equal_to_the_dense_shape_distribution(
         with torch.no_grad():
             logits = student(input_ids=torch.tensor(sample.input_ids)[None]).logits[0, rows]
         log_q = torch.log_softmax(logits.double() / T, -1)
-        log_p = torch.from_numpy(cache.dense_logprobs(i, "shape")).double()
+        log_p = torch.from_numpy(cache.dense_logprobs(i, mode)).double()
         fkl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         rkl = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
-        assert got["fkl_shape"][i] == pytest.approx(float(fkl), rel=1e-4)
-        assert got["rkl_shape"][i] == pytest.approx(float(rkl), rel=1e-4)
-    assert not np.allclose(got["fkl_shape"], got["fkl_uniform"], rtol=1e-3)
+        assert got[f"fkl_{mode}"][i] == pytest.approx(float(fkl), rel=1e-4)
+        assert got[f"rkl_{mode}"][i] == pytest.approx(float(rkl), rel=1e-4)
+    assert not np.allclose(got[f"fkl_{mode}"], got["fkl_uniform"], rtol=1e-3)
+    other = "lowrank" if mode == "shape" else "shape"
+    assert f"fkl_{other}" not in got

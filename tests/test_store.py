@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_split
-from akd_cache.errors import ConfigError, DamageError
+from akd_cache.errors import ConfigError, DamageError, ModelError
 from akd_cache.store import format as fmt
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.lock import CacheLockedError, WriterLock
@@ -33,6 +33,7 @@ from akd_cache.teacher.hf_backend import HFTeacher
 K = 16
 SHARD_ROWS = 600
 N_SAMPLES = 40
+TINY_HIDDEN = 64  # the tiny Llama's hidden size
 # a sqrt(p) step of 1/CODE_MAX moves p by <= sqrt(p)/CODE_MAX + 1/(4 CODE_MAX^2), plus the
 # small rescaling that makes top-k + tail sum to one
 MAX_PROB_ERROR = 1.5 / fmt.CODE_MAX
@@ -290,15 +291,15 @@ def test_key_changes_with_every_ingredient(setup):
     changes = {"teacher_weights_sha256": "x", "tokenizer_sha256": "x", "dataset_sha256": "x",
                "template": "starcoder", "max_length": 256, "k": 8, "temperature": 2.0,
                "truncation": "drop", "heldout": 5, "teacher_revision": "abc",
-               "tail_shape": True}
+               "tail_shape": True, "tail_rank": 8}
     keys = {replace(base, **{name: value}).key() for name, value in changes.items()}
     assert len(keys | {base.key()}) == len(changes) + 1
 
 
 def test_key_of_fixed_ingredients_is_stable():
     """A key that moves orphans every existing cache, so the hashing is pinned. (Format 2 added
-    checksums and format 3 the tail shape: their caches get new keys by design, and the pin was
-    moved with each, from c34ec87d2ed70a670211 at format 1.)"""
+    checksums, format 3 the tail shape and format 4 the tail code: their caches get new keys by
+    design, and the pin was moved with each, from c34ec87d2ed70a670211 at format 1.)"""
     ingredients = CacheIngredients(
         teacher="embedded:smollm2", teacher_revision=None, teacher_weights_sha256="a" * 64,
         teacher_dtype="float32", tokenizer_sha256="b" * 64, dataset_sha256="c" * 64,
@@ -306,8 +307,8 @@ def test_key_of_fixed_ingredients_is_stable():
         template="alpaca_original", max_length=512, truncation="truncate_response", k=64,
         temperature=1.0, tail_shape=False,
     )
-    assert ingredients.format_version == 3
-    assert ingredients.key() == "db983774758608d58dd1"
+    assert ingredients.format_version == 4
+    assert ingredients.key() == "5cdcd04f59a3fc8feb53"
 
 
 def test_store_imports_no_higher_package():
@@ -520,3 +521,125 @@ def test_a_damaged_tail_shape_is_reported_and_not_guessed(setup, shape_cache, tm
     with pytest.raises(DamageError, match="cannot be rewritten exactly"):
         fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
              lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+
+
+@pytest.fixture(scope="module")
+def code_cache(setup, tmp_path_factory):
+    """A cache with a full-rank tail code: the tiny teacher's hidden size is 64."""
+    location = tmp_path_factory.mktemp("code") / "cache"
+    ingredients = replace(setup["ingredients"], tail_rank=TINY_HIDDEN)
+    assert fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
+                lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    return location
+
+
+def final_hidden_and_logits(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample alone, float64 from float32: the final hidden states and logits of its loss
+    rows, from the model's own forward."""
+    with torch.no_grad():
+        out = model(torch.tensor([sample.input_ids]), output_hidden_states=True)
+    rows = slice(sample.prompt_len - 1, len(sample.input_ids) - 1)
+    return out.hidden_states[-1][0, rows].double(), out.logits[0, rows].double()
+
+
+def test_tail_code_rebuilds_the_teachers_logits_and_loses_less_with_each_rank(setup):
+    """At full rank, bias + basis z is the teacher's logits W h; at lower ranks the error shrinks
+    as the rank grows, and the principal directions beat random ones of the same rank."""
+    model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    calibration = calibration_samples(setup["samples"])
+    rows = [final_hidden_and_logits(model, s) for s in setup["samples"][:6]]
+    hidden = torch.cat([h for h, _ in rows])
+    logits = torch.cat([lg for _, lg in rows])
+    errors = {}
+    for rank in (4, 16, TINY_HIDDEN):
+        code = setup["teacher"].fit_tail_code(calibration, rank)
+        assert code.basis.shape == (len(setup["tokenizer"]), rank)
+        mean, encoder, basis, bias = (torch.from_numpy(a).double() for a in
+                                      (code.mean, code.encoder, code.basis, code.bias))
+        rebuilt = bias + (hidden - mean) @ encoder @ basis.T
+        errors[rank] = (rebuilt - logits).pow(2).mean().item()
+    assert errors[TINY_HIDDEN] < 1e-8 * logits.var().item()
+    assert errors[16] < errors[4] < logits.var().item()
+    random_dirs = torch.linalg.qr(torch.randn(TINY_HIDDEN, 16, dtype=torch.float64))[0]
+    weight = model.get_output_embeddings().weight.detach().double()
+    centred = hidden - hidden.mean(0)
+    random_error = (centred @ (torch.eye(TINY_HIDDEN, dtype=torch.float64)
+                               - random_dirs @ random_dirs.T) @ weight.T).pow(2).mean().item()
+    assert errors[16] < random_error
+    with pytest.raises(ModelError, match="tail_rank 65 is not in"):
+        setup["teacher"].fit_tail_code(calibration, TINY_HIDDEN + 1)
+
+
+def test_tail_code_cache_stores_each_rows_quantised_code(setup, code_cache):
+    """The stored codes are the rows' hidden states through the stored encoder, to half a step,
+    and the row arrays every other cache has are unchanged by the code."""
+    model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    cache = TeacherCache(str(code_cache))
+    code = cache.tail_code
+    for i in (0, 7, len(cache) - 1):
+        hidden, _ = final_hidden_and_logits(model, setup["samples"][i])
+        want = (hidden.numpy() - code.mean) @ code.encoder / code.step
+        got = cache[i].tail_code / code.step
+        assert np.abs(got - want).max() <= 0.5 + 1e-3
+    assert cache[3].tail_code.shape == (setup["samples"][3].n_loss_rows, TINY_HIDDEN)
+    batch = collate([cache[i] for i in range(3)])
+    assert batch["tail_code"].shape == (*batch["loss_mask"].shape, TINY_HIDDEN)
+    np.testing.assert_array_equal(batch["tail_code"][batch["loss_mask"]].numpy(),
+                                  np.concatenate([cache[i].tail_code for i in range(3)]))
+
+
+def test_dense_lowrank_mode_is_the_teacher_to_quantisation(setup, code_cache, shape_cache):
+    """KL(full teacher || dense) per row, against the teacher run alone in float64: the full-rank
+    tail code is far closer than the uniform and the shape tails, and keeps the exact top-k and
+    tail mass."""
+    model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    coded, shaped = TeacherCache(str(code_cache)), TeacherCache(str(shape_cache))
+    kl = {"lowrank": [], "uniform": [], "shape": []}
+    for i in range(len(coded) - 6, len(coded)):  # rows after the calibration rows
+        _, logits = final_hidden_and_logits(model, setup["samples"][i])
+        log_p = logits.log_softmax(-1).numpy()
+        for mode, cache in (("lowrank", coded), ("uniform", coded), ("shape", shaped)):
+            dense = cache.dense_logprobs(i, mode).astype(np.float64)
+            kl[mode].append((np.exp(log_p) * (log_p - dense)).sum(1))
+        got = coded[i]
+        dense = np.exp(coded.dense_logprobs(i, "lowrank").astype(np.float64))
+        np.testing.assert_allclose(np.take_along_axis(dense, got.topk_ids, 1),
+                                   np.exp(got.topk_logprobs.astype(np.float64)), rtol=1e-5)
+        np.testing.assert_allclose(dense.sum(1), 1.0, atol=1e-5)
+    mean = {mode: np.concatenate(values).mean() for mode, values in kl.items()}
+    assert mean["lowrank"] < 0.1 * min(mean["uniform"], mean["shape"]), mean
+    with pytest.raises(CacheError, match="no tail code"):
+        shaped.dense_logprobs(0, "lowrank")
+
+
+def test_a_damaged_tail_code_shard_is_recomputed_and_a_damaged_basis_refused(
+        setup, code_cache, tmp_path):
+    ingredients = replace(setup["ingredients"], tail_rank=TINY_HIDDEN)
+    location = tmp_path / "cache"
+    shutil.copytree(code_cache, location)
+    shard = location / "rows" / fmt.TAIL_CODE / "c" / "0" / "0"  # the first samples' rows
+    original = shard.read_bytes()
+    middle = len(original) // 2
+    shard.write_bytes(original[:middle] + bytes([original[middle] ^ 0xFF])
+                      + original[middle + 1 :])
+    with pytest.raises(DamageError, match="rows/tail_code"):
+        TeacherCache(str(location))[0]
+    assert fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
+                lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    assert shard.read_bytes() == original
+    basis = next(p for p in (location / fmt.TAIL_CODE / "basis" / "c").rglob("*") if p.is_file())
+    basis.write_bytes(basis.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(DamageError, match="cannot be rewritten exactly"):
+        fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
+             lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+
+
+def test_tail_code_needs_a_backend_that_sees_hidden_states(setup, tmp_path):
+    class TopKOnly:
+        def score(self, samples):
+            return setup["teacher"].score(samples)
+
+    ingredients = replace(setup["ingredients"], tail_rank=8)
+    with pytest.raises(ConfigError, match="cache.tail_rank: the TopKOnly teacher backend"):
+        fill(str(tmp_path / "c"), setup["samples"], ingredients, len(setup["tokenizer"]),
+             lambda: TopKOnly(), shard_rows=SHARD_ROWS)

@@ -25,12 +25,13 @@ from akd_cache.config import (
 from akd_cache.data.instructions import Example
 from akd_cache.errors import CacheError
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
-from akd_cache.student.loss import topk_divergences
+from akd_cache.student.loss import CachedTailModel, topk_divergences
 from akd_cache.student.run import train_experiment
 from akd_cache.student.trainer import DistillationModule, DistillTrainer
 
 K = 16
 N_SAMPLES = 8
+TAIL_RANK = 16
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +241,7 @@ def test_the_shape_mode_trains_against_the_caches_dense_shape_distribution(
     batch = collate([cache[i] for i in range(4)])
     student = AutoModelForCausalLM.from_pretrained(student_path).eval()
     module = DistillationModule(student, KD(tail_mode="shape"), TRAIN,
-                                log_tail_shape=torch.from_numpy(cache.log_tail_shape))
+                                tail_model=CachedTailModel(torch.from_numpy(cache.log_tail_shape)))
     out = module(**batch, beta=torch.tensor(0.0))
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"],
@@ -257,3 +258,42 @@ def test_the_shape_mode_trains_against_the_caches_dense_shape_distribution(
     assert metrics["steps"] == TRAIN.max_steps
     with pytest.raises(CacheError, match="this cache has none"):
         run(cache_and_student, tmp_path / "none", KD(tail_mode="shape"))
+
+
+@pytest.fixture(scope="module")
+def code_cache(tiny_models, codealpaca_rows, tmp_path_factory):
+    location = str(tmp_path_factory.mktemp("code") / "c")
+    fill_tiny_cache(str(tiny_models["llama"]), codealpaca_rows[:N_SAMPLES],
+                    CacheConfig(k=K, max_length=128, tail_rank=TAIL_RANK), location)
+    return location
+
+
+def test_the_lowrank_mode_trains_against_the_caches_dense_lowrank_distribution(
+        code_cache, cache_and_student, tmp_path):
+    """The module's loss on a batch equals KL from `reader.dense_logprobs(i, 'lowrank')`, and a
+    run trains; without a stored tail code the run is refused before it starts."""
+    _, student_path = cache_and_student
+    cache = TeacherCache(code_cache)
+    batch = collate([cache[i] for i in range(4)])
+    student = AutoModelForCausalLM.from_pretrained(student_path).eval()
+    basis = (torch.from_numpy(cache.tail_code.basis), torch.from_numpy(cache.tail_code.bias))
+    module = DistillationModule(student, KD(tail_mode="lowrank"), TRAIN,
+                                tail_model=CachedTailModel(tail_code_basis=basis))
+    out = module(**batch, beta=torch.tensor(0.5))
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits.double()
+    want = []
+    for b in range(4):
+        log_q = logits[b][batch["loss_mask"][b]].log_softmax(-1)
+        log_p = torch.from_numpy(cache.dense_logprobs(b, "lowrank")).double()
+        fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        rkl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        want.append((0.5 * fkl + 0.5 * rkl).mean())
+    assert out.loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
+
+    metrics = train_experiment(code_cache, student_path, KD(tail_mode="lowrank"), TRAIN,
+                               tmp_path / "lowrank", "x")
+    assert metrics["steps"] == TRAIN.max_steps
+    with pytest.raises(CacheError, match="needs a tail code, and this cache has none"):
+        run(cache_and_student, tmp_path / "none", KD(tail_mode="lowrank"))

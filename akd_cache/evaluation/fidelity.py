@@ -4,8 +4,8 @@ Two views of the same positions (the response tokens of the held-out split):
 - exact: FKL = KL(p || q) and RKL = KL(q || p) over the full vocabulary against the live teacher,
   computed a chunk of positions at a time so [batch, seq, vocab] never exists for both models;
 - the cache's view: the same divergences from a held-out teacher cache in the `bucket` and
-  `uniform` tail modes (and `shape`, for a cache with a tail shape), which needs no teacher and
-  measures the cache's bias on trained students.
+  `uniform` tail modes (and `shape` and `lowrank`, for a cache with a tail shape or a tail
+  code), which needs no teacher and measures the cache's bias on trained students.
 
 Plus the NLL of the reference response (student at T = 1), top-1 agreement with the teacher and
 the student's mass outside the teacher's cached top-k. Every metric is a per-sample
@@ -29,6 +29,7 @@ from akd_cache.student.loss import topk_divergences
 
 CACHE_VIEW_MODES = ("bucket", "uniform")
 SHAPE_MODE = "shape"  # in the cache's view only for a cache that stores a tail shape
+LOWRANK_MODE = "lowrank"  # and this one for a cache that stores a tail code
 EXACT_METRICS = ("fkl", "rkl", "top1_agreement")
 STUDENT_METRICS = ("nll", "student_tail_mass")
 BOOTSTRAP_RESAMPLES = 2000
@@ -69,6 +70,7 @@ def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
 def _chunk_metrics(
     student_logits: Tensor, teacher_logits: Tensor | None, rows: Mapping[str, Tensor],
     temperature: float, modes: Sequence[str], log_tail_shape: Tensor | None,
+    tail_code_basis: tuple[Tensor, Tensor] | None,
 ) -> dict[str, Tensor]:
     """Per-position metrics of one chunk of loss positions."""
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
@@ -82,6 +84,8 @@ def _chunk_metrics(
             student_logits, rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], None,
             temperature=temperature, mode=mode,
             log_tail_shape=log_tail_shape if mode == SHAPE_MODE else None,
+            tail_code=rows["tail_code"] if mode == LOWRANK_MODE else None,
+            tail_code_basis=tail_code_basis if mode == LOWRANK_MODE else None,
         )
         out[f"fkl_{mode}"], out[f"rkl_{mode}"] = div.fkl, div.rkl
     if teacher_logits is not None:
@@ -114,7 +118,10 @@ def per_sample_fidelity(
             f"fidelity asks for {temperature}; build the held-out cache at that temperature"
         )
     shape = None if cache.log_tail_shape is None else torch.from_numpy(cache.log_tail_shape)
-    modes = (*CACHE_VIEW_MODES, *(() if shape is None else (SHAPE_MODE,)))
+    code = cache.tail_code
+    basis = None if code is None else (torch.from_numpy(code.basis), torch.from_numpy(code.bias))
+    modes = (*CACHE_VIEW_MODES, *(() if shape is None else (SHAPE_MODE,)),
+             *(() if code is None else (LOWRANK_MODE,)))
     cache_metrics = [f"{d}_{m}" for m in modes for d in ("fkl", "rkl")]
     names = [*STUDENT_METRICS, *cache_metrics, *(EXACT_METRICS if teacher is not None else ())]
     sums = {model: {m: np.zeros(len(cache)) for m in names} for model in students}
@@ -126,7 +133,8 @@ def per_sample_fidelity(
         sample_of = torch.nonzero(mask)[:, 0] + start
         lengths[start : start + len(indices)] = mask.sum(1).numpy()
         rows = {name: batch[name][mask] for name in ("labels", "topk_ids", "topk_logprobs",
-                                                       "tail_logmass")}
+                                                       "tail_logmass", "tail_code")
+                if name in batch}
         teacher_hidden = _hidden(teacher, batch) if teacher is not None else None
         for model_name, student in students.items():
             student_hidden = _hidden(student, batch)
@@ -136,7 +144,7 @@ def per_sample_fidelity(
                     _logits(student, student_hidden[part]),
                     _logits(teacher, teacher_hidden[part]) if teacher is not None else None,
                     {name: value[part] for name, value in rows.items()}, temperature, modes,
-                    shape,
+                    shape, basis,
                 )
                 where = sample_of[part].numpy()
                 for name, value in metrics.items():

@@ -55,12 +55,13 @@ SUBCATEGORY_SEPARATORS = (": ", "/")
 
 FIDELITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fkl", "FKL exact"), ("rkl", "RKL exact"), ("fkl_bucket", "FKL bucket"),
-    ("fkl_uniform", "FKL uniform"), ("fkl_shape", "FKL shape"), ("rkl_bucket", "RKL bucket"),
-    ("rkl_uniform", "RKL uniform"), ("rkl_shape", "RKL shape"), ("nll", "NLL ref"),
-    ("top1_agreement", "top-1 agree"), ("student_tail_mass", "tail mass"),
+    ("fkl_uniform", "FKL uniform"), ("fkl_shape", "FKL shape"), ("fkl_lowrank", "FKL lowrank"),
+    ("rkl_bucket", "RKL bucket"), ("rkl_uniform", "RKL uniform"), ("rkl_shape", "RKL shape"),
+    ("rkl_lowrank", "RKL lowrank"), ("nll", "NLL ref"), ("top1_agreement", "top-1 agree"),
+    ("student_tail_mass", "tail mass"),
 )
-"""Every column any model can have; a table shows those that some model has (the shape view
-exists only for a held-out cache with a tail shape)."""
+"""Every column any model can have; a table shows those that some model has (the shape and
+lowrank views exist only for a held-out cache with a tail shape or a tail code)."""
 
 
 def interval(summary: dict | None) -> str:

@@ -14,6 +14,9 @@ Layout (R = loss rows, padded so that every shard holds whole samples; S = sampl
     tail_shape          [V]    float32        log s, the tail shape (only with the `tail_shape`
                                               ingredient): how Stage 2's `shape` tail mode
                                               spreads each row's tail mass over its tail ids
+    rows/tail_code      [R, r] int16          z / step rounded: the row's hidden state in r
+                                              dimensions (only with `tail_rank` = r > 0)
+    tail_code/{encoder [H, r], mean [H], basis [V, r], bias [V], step [1]}  float32: `TailCode`
     shard_done          [n_shards] uint8      1 once a shard is written whole (chunk of 1 each)
     attrs["akd_cache"]  `CacheMeta`: the key and its ingredients, sizes, `complete` (written last,
                         with the `CacheStats`)
@@ -36,6 +39,13 @@ tail normalised to 1, averaged over the calibration rows), mixed with `TAIL_SHAP
 of uniform so that no id is impossible. Spreading a row's exact tail mass in proportion to s
 instead of evenly brings the cache's distribution closer to the full teacher: 0.043 instead of
 0.069 nat/token at k = 64 with SmolLM2 (docs/benchmarks.md), for V float32 once per cache.
+
+The tail code goes further, per row: the teacher's tail logits are W h (W its lm head, h the
+final hidden state), so r numbers per row that keep most of W h's variance rebuild them well.
+z = (h - mean) @ encoder, and the tail logits are bias + basis @ z, with the encoder and basis
+the top r principal directions of W (h - mean) over the calibration rows (`TailCode`). Stage 2's
+`lowrank` tail mode spreads each row's exact tail mass as softmax(bias + basis @ z) over the ids
+outside its top-k: about a third of the uniform tail's error (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -51,9 +61,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from akd_cache.errors import DamageError
 
 # 2: a crc32c on every chunk (4 B each, < 0.01 B per row at the default shard and chunk sizes),
-# every chunk written even when empty. 3: the optional `tail_shape`. The key hashes this, so
-# caches of older formats are not reused.
-FORMAT_VERSION = 3
+# every chunk written even when empty. 3: the optional `tail_shape`. 4: the optional tail code.
+# The key hashes this, so caches of older formats are not reused.
+FORMAT_VERSION = 4
 ATTRS = "akd_cache"
 CODE_MAX = 100  # 7.7e-4 nat mean KL with SmolLM2, k = 64 (docs/benchmarks.md)
 CALIBRATION_ROWS = 4096
@@ -80,6 +90,16 @@ WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 UINT16_LIMIT = 1 << 16
 TAIL_SHAPE = "tail_shape"
 TAIL_SHAPE_UNIFORM_MIX = 0.01
+TAIL_CODE = "tail_code"
+TAIL_CODE_ROWS = f"rows/{TAIL_CODE}"
+TAIL_CODE_PARTS = ("encoder", "mean", "basis", "bias", "step")
+# z's coordinates are orthonormal in logit space, so rounding z to a step s moves each tail
+# logit by s * sqrt(r / (12 V)) RMS over the vocabulary; the step is chosen for this error.
+# With SmolLM2 at r = 64 that is a step of ~14 (z's spread runs from ~1400 in its first
+# coordinate to ~5 at rank 64), and steps from 8 to 32 move the KL from the full teacher by
+# < 0.001 nat/token while the code's bytes fall from 52 to 37 B/token (docs/benchmarks.md)
+TAIL_CODE_LOGIT_RMS = 0.15
+TAIL_CODE_DTYPE = np.int16
 ROW_ARRAYS = ("rows/ids", "rows/codes", "rows/tail_logmass", "rows/target_logprob")
 SAMPLE_TABLES = ("row_start", "n_rows", "seq_start", "seq_len", "prompt_len")
 SAMPLE_ARRAYS = (*(f"samples/{name}" for name in SAMPLE_TABLES), "samples/sample_id")
@@ -203,6 +223,47 @@ def log_tail_shape(mean_tail: np.ndarray) -> np.ndarray:
     return np.log(shape + TAIL_SHAPE_UNIFORM_MIX / len(mean_tail)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class TailCode:
+    """The per-cache half of the tail code: z = (h - mean) @ encoder, tail logits
+    bias + z @ basis.T, all at the cache's temperature (`format` docstring)."""
+
+    encoder: np.ndarray  # [H, r] float32
+    mean: np.ndarray  # [H] float32
+    basis: np.ndarray  # [V, r] float32
+    bias: np.ndarray  # [V] float32
+    step: np.ndarray  # [1] float32, `tail_code_step`
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def encode(self, hidden: np.ndarray) -> np.ndarray:
+        """[n, H] final hidden states -> [n, r] stored codes."""
+        z = (hidden.astype(np.float32) - self.mean) @ self.encoder / self.step
+        limit = np.iinfo(TAIL_CODE_DTYPE).max
+        return np.clip(np.rint(z), -limit, limit).astype(TAIL_CODE_DTYPE)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Stored codes [n, r] -> z [n, r] float32."""
+        return codes.astype(np.float32) * self.step
+
+    def write(self, group: zarr.Group) -> None:
+        parts = group.create_group(TAIL_CODE, overwrite=True)
+        for name in TAIL_CODE_PARTS:
+            parts.create_array(name, data=getattr(self, name).astype(np.float32),
+                               compressors=CODECS, config=WRITE_EVERY_CHUNK, overwrite=True)
+
+    @classmethod
+    def read(cls, group: zarr.Group) -> TailCode:
+        return cls(**{name: group[f"{TAIL_CODE}/{name}"][:] for name in TAIL_CODE_PARTS})
+
+
+def tail_code_step(vocab_size: int, rank: int) -> np.ndarray:
+    """The step that moves the rebuilt tail logits by `TAIL_CODE_LOGIT_RMS` RMS."""
+    return np.array([TAIL_CODE_LOGIT_RMS * np.sqrt(12 * vocab_size / rank)], dtype=np.float32)
+
+
 def decode_ids(deltas: np.ndarray, vocab_order: np.ndarray) -> np.ndarray:
     """`vocab_order` is the inverse of `vocab_rank`: rank -> token id."""
     return vocab_order[np.cumsum(deltas.astype(np.int64), axis=1)].astype(np.int64)
@@ -228,6 +289,7 @@ def create_layout(
     k: int,
     vocab_size: int,
     n_tokens: int,
+    tail_rank: int = 0,
 ) -> None:
     ids = id_dtype(vocab_size)
     inner = min(INNER_CHUNK_ROWS, shard_rows)
@@ -242,6 +304,12 @@ def create_layout(
         rows.create_array(
             name, shape=(n_rows_padded,), dtype=np.float32, chunks=(inner,),
             shards=(shard_rows,), compressors=CODECS, **common,
+        )
+    if tail_rank:
+        rows.create_array(
+            TAIL_CODE, shape=(n_rows_padded, tail_rank), dtype=TAIL_CODE_DTYPE,
+            chunks=(inner, tail_rank), shards=(shard_rows, tail_rank), compressors=CODECS,
+            **common,
         )
     group.create_array(
         "tokens", shape=(n_tokens,), dtype=ids, chunks=(min(TOKEN_CHUNK, max(n_tokens, 1)),),

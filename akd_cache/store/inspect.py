@@ -14,6 +14,8 @@ def describe(cache: TeacherCache, damage: list[Damage]) -> str:
     """`damage`: what the quick presence check found (`integrity.find_damage(full=False)`)."""
     meta = cache.meta
     shape = "tail shape stored" if cache.log_tail_shape is not None else "no tail shape"
+    if cache.tail_code is not None:
+        shape += f"; tail code of rank {cache.tail_code.rank} stored"
     files = (f"DAMAGED: {len(damage)} found; run `akd verify {cache.location}`" if damage else
              f"all present (quick check; `akd verify {cache.location}` reads every checksum)")
     lines = [

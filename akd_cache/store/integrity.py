@@ -101,7 +101,7 @@ class SampleIndex:
 
     def of(self, path: str, lo: int, hi: int) -> tuple[str, int | None]:
         """The samples behind entries [lo, hi) of array `path`, and the row shard they are in."""
-        if path in fmt.ROW_ARRAYS:
+        if path in fmt.ROW_ARRAYS or path == fmt.TAIL_CODE_ROWS:
             return self.of_rows(lo, hi), lo // self.shard_rows
         if path == "shard_done":
             return self.of_rows(lo * self.shard_rows, hi * self.shard_rows), lo
@@ -128,8 +128,17 @@ def stored_files(location: str) -> set[str]:
     return {path[len(prefix):] for path in fs.find(root) if path.startswith(prefix)}
 
 
-def expected_arrays(meta: fmt.CacheMeta) -> dict[str, tuple[int, ...]]:
+def expected_arrays(meta: fmt.CacheMeta) -> dict[str, tuple[int, ...] | None]:
     shape = {fmt.TAIL_SHAPE: (meta.vocab_size,)} if meta.ingredients["tail_shape"] else {}
+    rank = meta.ingredients.get("tail_rank", 0)
+    code = {
+        fmt.TAIL_CODE_ROWS: (meta.n_shards * meta.shard_rows, rank),
+        f"{fmt.TAIL_CODE}/basis": (meta.vocab_size, rank),
+        f"{fmt.TAIL_CODE}/bias": (meta.vocab_size,),
+        f"{fmt.TAIL_CODE}/encoder": None,  # [H, r]: the teacher's hidden size is not in meta
+        f"{fmt.TAIL_CODE}/mean": None,
+        f"{fmt.TAIL_CODE}/step": (1,),
+    } if rank else {}
     return {
         **{path: (meta.n_shards * meta.shard_rows, meta.k) for path in fmt.ROW_ARRAYS[:2]},
         **{path: (meta.n_shards * meta.shard_rows,) for path in fmt.ROW_ARRAYS[2:]},
@@ -138,6 +147,7 @@ def expected_arrays(meta: fmt.CacheMeta) -> dict[str, tuple[int, ...]]:
         "vocab_rank": (meta.vocab_size,),
         "shard_done": (meta.n_shards,),
         **shape,
+        **code,
     }
 
 
@@ -175,7 +185,7 @@ def find_damage(
         except KeyError:
             damage.append(Damage(path, f"{path}/zarr.json", ALL_SAMPLES, "array missing"))
             continue
-        if arrays[path].shape != shape:
+        if shape is not None and arrays[path].shape != shape:
             damage.append(Damage(path, f"{path}/zarr.json", ALL_SAMPLES,
                                  f"shape {arrays[path].shape}, expected {shape}"))
     try:

@@ -40,6 +40,7 @@ class CacheIngredients:
     k: int
     temperature: float
     tail_shape: bool
+    tail_rank: int = 0
     value_code_max: int = CODE_MAX
     format_version: int = FORMAT_VERSION
 

@@ -33,9 +33,10 @@ class CachedSample:
     topk_logprobs: np.ndarray  # [L - P, k] float32
     tail_logmass: np.ndarray  # [L - P] float32
     target_logprob: np.ndarray  # [L - P] float32
+    tail_code: np.ndarray | None = None  # [L - P, r] float32 z, for a cache with a tail code
 
 
-DenseTailMode = Literal["uniform", "shape", "renormalize"]
+DenseTailMode = Literal["uniform", "shape", "lowrank", "renormalize"]
 """The tail modes that define a full-vocabulary teacher distribution (Stage 2's names).
 
 ``bucket`` is not one of them: it compares only the tail's total mass with the student's, so it
@@ -50,6 +51,7 @@ def dense_logprobs(
     vocab_size: int,
     tail_mode: DenseTailMode,
     log_tail_shape: np.ndarray | None = None,
+    tail_code: tuple[np.ndarray, fmt.TailCode] | None = None,
 ) -> np.ndarray:
     """The teacher distribution Stage 2 trains against, as [n, V] float32 log-probs.
 
@@ -57,12 +59,26 @@ def dense_logprobs(
       (Stage 2 floors an empty tail at float64 eps to keep RKL finite; here it stays -inf.)
     - ``shape``: the exact tail mass spread over the ids outside the row's top-k in proportion
       to the cache's tail shape s (`log_tail_shape` = log s, [V]).
+    - ``lowrank``: the exact tail mass spread over the ids outside the row's top-k as
+      softmax(bias + basis @ z) there (`tail_code` = (z [n, r], the cache's `TailCode`)).
     - ``renormalize``: the top-k alone, rescaled to sum to 1; every other id gets -inf, so the
       KL from a full teacher is infinite wherever the tail is not empty.
     """
     n, k = topk_ids.shape
     if (tail_mode == "shape") != (log_tail_shape is not None):
         raise ValueError("log_tail_shape is needed by the 'shape' tail mode and by no other")
+    if (tail_mode == "lowrank") != (tail_code is not None):
+        raise ValueError("tail_code is needed by the 'lowrank' tail mode and by no other")
+    if tail_mode == "lowrank":
+        z, code = tail_code
+        logits = code.bias.astype(np.float64) + z.astype(np.float64) @ code.basis.T.astype(
+            np.float64)
+        np.put_along_axis(logits, topk_ids, -np.inf, axis=1)
+        peak = logits.max(axis=1, keepdims=True)
+        log_norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+        dense = tail_logmass.astype(np.float64)[:, None] + logits - log_norm
+        np.put_along_axis(dense, topk_ids, topk_logprobs.astype(np.float64), axis=1)
+        return dense.astype(np.float32)
     if tail_mode == "shape":
         log_s = log_tail_shape.astype(np.float64)
         outside = np.ones((n, vocab_size), dtype=bool)
@@ -124,6 +140,10 @@ class TeacherCache:
             self.log_tail_shape: np.ndarray | None = (
                 self.group[fmt.TAIL_SHAPE][:] if meta.ingredients["tail_shape"] else None
             )
+            # the per-cache half of the tail code, or None for a cache without one
+            self.tail_code: fmt.TailCode | None = (
+                fmt.TailCode.read(self.group) if meta.ingredients.get("tail_rank") else None
+            )
         except (KeyError, *integrity.DECODE_ERRORS):
             damage = integrity.find_damage(self.group, location, meta, full=True)
             raise integrity.damage_error(location, damage) from None
@@ -133,6 +153,8 @@ class TeacherCache:
         self._arrays = {name: self.group[f"rows/{name}"] for name in
                         ("ids", "codes", "tail_logmass", "target_logprob")}
         self._arrays["tokens"] = self.group["tokens"]
+        if self.tail_code is not None:
+            self._arrays[fmt.TAIL_CODE] = self.group[fmt.TAIL_CODE_ROWS]
         self.shard_rows = self._arrays["ids"].shards[0]
         # entries per decoded block: the arrays' chunks, as zarr decodes whole chunks anyway
         self._block_sizes = {name: array.chunks[0] for name, array in self._arrays.items()}
@@ -226,6 +248,8 @@ class TeacherCache:
             topk_logprobs=fmt.decode_logprobs(self._rows("codes", start, stop), tail),
             tail_logmass=tail,
             target_logprob=self._rows("target_logprob", start, stop),
+            tail_code=None if self.tail_code is None
+            else self.tail_code.decode(self._rows(fmt.TAIL_CODE, start, stop)),
         )
 
 
@@ -235,10 +259,15 @@ class TeacherCache:
         if tail_mode == "shape" and self.log_tail_shape is None:
             raise CacheError(f"{self.location}: no tail shape stored (built without "
                              "cache.tail_shape), so the 'shape' tail mode has no distribution")
+        if tail_mode == "lowrank" and self.tail_code is None:
+            raise CacheError(f"{self.location}: no tail code stored (built without "
+                             "cache.tail_rank), so the 'lowrank' tail mode has no distribution")
         sample = self[index]
-        return dense_logprobs(sample.topk_ids, sample.topk_logprobs, sample.tail_logmass,
-                              self.meta.vocab_size, tail_mode,
-                              self.log_tail_shape if tail_mode == "shape" else None)
+        return dense_logprobs(
+            sample.topk_ids, sample.topk_logprobs, sample.tail_logmass, self.meta.vocab_size,
+            tail_mode, self.log_tail_shape if tail_mode == "shape" else None,
+            (sample.tail_code, self.tail_code) if tail_mode == "lowrank" else None,
+        )
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -293,6 +322,9 @@ def collate(samples: list[CachedSample], pad_id: int = 0) -> dict[str, torch.Ten
         "topk_logprobs": torch.zeros(batch, width, k, dtype=torch.float32),
         "tail_logmass": torch.zeros(batch, width, dtype=torch.float32),
     }
+    coded = samples[0].tail_code is not None
+    if coded:
+        out["tail_code"] = torch.zeros(batch, width, samples[0].tail_code.shape[1])
     for b, s in enumerate(samples):
         length, rows = len(s.input_ids), slice(s.prompt_len - 1, len(s.input_ids) - 1)
         out["input_ids"][b, :length] = torch.from_numpy(s.input_ids)
@@ -302,4 +334,6 @@ def collate(samples: list[CachedSample], pad_id: int = 0) -> dict[str, torch.Ten
         out["topk_ids"][b, rows] = torch.from_numpy(s.topk_ids)
         out["topk_logprobs"][b, rows] = torch.from_numpy(s.topk_logprobs)
         out["tail_logmass"][b, rows] = torch.from_numpy(s.tail_logmass)
+        if coded:
+            out["tail_code"][b, rows] = torch.from_numpy(s.tail_code)
     return out

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from akd_cache.store.format import TailCode
+
 
 @dataclass(frozen=True)
 class TokenizedSample:
@@ -31,6 +33,7 @@ class TeacherRows:
     topk_logprobs: np.ndarray  # [n, k] float32, normalised over the full vocabulary
     tail_logmass: np.ndarray  # [n] float32, log(1 - sum of the top-k probabilities)
     target_logprob: np.ndarray  # [n] float32, log-probability of the actual next token
+    tail_code: np.ndarray | None = None  # [n, r] `format.TailCode.encode`d hidden states
 
     def __len__(self) -> int:
         return len(self.tail_logmass)
@@ -50,6 +53,20 @@ class TailShapeBackend(Protocol):
         """[V] float64: over the samples' loss rows, the mean of each row's distribution outside
         its top-k, normalised to 1 (`store.format.log_tail_shape` turns it into the stored
         shape)."""
+        ...
+
+
+@runtime_checkable
+class TailCodeBackend(Protocol):
+    """A backend that sees the teacher's final hidden states, so it can code them per row."""
+
+    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
+        """The r-dimensional code that keeps the most of the tail logits' variance over the
+        samples' loss rows (`store.format.TailCode`)."""
+        ...
+
+    def use_tail_code(self, code: TailCode | None) -> None:
+        """From now on, `score` returns each row's `tail_code` too (None: no longer)."""
         ...
 
 

@@ -31,7 +31,13 @@ from akd_cache.store import format as fmt
 from akd_cache.store import integrity
 from akd_cache.store.key import CacheIngredients, hash_key
 from akd_cache.store.lock import WriterLock
-from akd_cache.store.rows import TailShapeBackend, TeacherBackend, TeacherRows, TokenizedSample
+from akd_cache.store.rows import (
+    TailCodeBackend,
+    TailShapeBackend,
+    TeacherBackend,
+    TeacherRows,
+    TokenizedSample,
+)
 from akd_cache.store.stats import cache_stats
 
 SCORE_BATCH_SAMPLES = 64
@@ -108,6 +114,7 @@ def open_or_init(
     fmt.create_layout(
         group, n_rows_padded=plan.n_rows_padded, shard_rows=shard_rows, n_shards=plan.n_shards,
         k=ingredients.k, vocab_size=vocab_size, n_tokens=fresh.n_tokens,
+        tail_rank=ingredients.tail_rank,
     )
     tokens = write_tables(group, samples, plan, vocab_size)
     calibration = calibration_samples(samples)
@@ -123,6 +130,12 @@ def open_or_init(
                               "cannot measure a tail shape; use teacher.backend 'hf'")
         mean_tail = backend.mean_tail(calibration)
         group.create_array(fmt.TAIL_SHAPE, data=fmt.log_tail_shape(mean_tail), **common)
+    if ingredients.tail_rank:
+        backend = teacher()
+        if not isinstance(backend, TailCodeBackend):
+            raise ConfigError(f"cache.tail_rank: the {type(backend).__name__} teacher backend "
+                              "cannot code hidden states; use teacher.backend 'hf'")
+        backend.fit_tail_code(calibration, ingredients.tail_rank).write(group)
     fresh.write(group)
     return group, plan
 
@@ -206,15 +219,16 @@ def repair(
     plan: ShardPlan, vocab_size: int,
 ) -> None:
     """Check every stored byte; mark damaged row shards to be computed again and rewrite damaged
-    sample tables. A damaged `vocab_rank`, `tail_shape` or array definition cannot be restored
-    exactly."""
+    sample tables. A damaged `vocab_rank`, `tail_shape`, `tail_code/` part or array definition
+    cannot be restored exactly."""
     damage = integrity.find_damage(group, location, meta, full=True)
     if not damage:
         return
     for d in damage:
         log.warning("%s; rewriting it", d.line(location))
     lost = [d for d in damage
-            if d.array in ("vocab_rank", fmt.TAIL_SHAPE) or d.file.endswith("zarr.json")]
+            if d.array in ("vocab_rank", fmt.TAIL_SHAPE) or d.file.endswith("zarr.json")
+            or d.array.startswith(f"{fmt.TAIL_CODE}/")]
     if lost:
         raise DamageError(f"{lost[0].line(location)}; this cannot be rewritten exactly: move "
                           f"{location} away and run `akd cache-teacher` again")
@@ -247,6 +261,13 @@ def write_shard(
     window = slice(base, base + plan.shard_rows)
     for path, values in zip(fmt.ROW_ARRAYS, (ids, codes, tail, target)):
         fmt.writable(group, path)[window] = values
+    if fmt.TAIL_CODE_ROWS in group:
+        tail_code = np.zeros((plan.shard_rows, group[fmt.TAIL_CODE_ROWS].shape[1]),
+                             dtype=fmt.TAIL_CODE_DTYPE)
+        for sample, r in zip(plan.samples_in(shard), rows):
+            lo = plan.row_start[sample] - base
+            tail_code[lo : lo + len(r)] = r.tail_code
+        fmt.writable(group, fmt.TAIL_CODE_ROWS)[window] = tail_code
     fmt.writable(group, "shard_done")[shard] = 1
 
 
@@ -267,6 +288,12 @@ def fill_shard(
     """Score one shard's samples, in the batches every run uses, and write the shard whole: any
     process holding the samples can do it alone, so a shard is the unit workers share out."""
     members = [samples[i] for i in plan.samples_in(shard)]
+    code = fmt.TailCode.read(group) if fmt.TAIL_CODE in group else None
+    if isinstance(teacher, TailCodeBackend):  # also clears a code left by another cache
+        teacher.use_tail_code(code)
+    elif code is not None:
+        raise ConfigError(f"cache.tail_rank: the {type(teacher).__name__} teacher backend "
+                          "cannot code hidden states; use teacher.backend 'hf'")
     rows: list[TeacherRows] = []
     for start in range(0, len(members), SCORE_BATCH_SAMPLES):
         batch = members[start : start + SCORE_BATCH_SAMPLES]

@@ -44,6 +44,11 @@ TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
   the sum of s over those ids. Uniform is s = const; a real tail is far from flat, and this
   models it better (0.043 vs 0.069 nat/token from the full-teacher KL at k = 64,
   docs/benchmarks.md). Full-vocabulary KL from [n, V] x [V] products, no [N, V] teacher tensor.
+- ``lowrank``: the teacher tail is spread over the row's other ids as softmax(bias + basis z)
+  there, z the row's r-dimensional code of the teacher's hidden state and basis [V, r], bias [V]
+  stored once per cache (`store.format.TailCode`): a tail that follows the context (about a
+  third of the uniform tail's error, docs/benchmarks.md). Each chunk's teacher is built dense,
+  [c, V], and FKL and RKL are exact over it, as with a live teacher.
 """
 
 EMPTY_TAIL_LOGMASS = math.log(torch.finfo(torch.float64).eps)
@@ -69,6 +74,50 @@ class Divergences(NamedTuple):
 def _check_mode(mode: str) -> None:
     if mode not in TAIL_MODES:
         raise ValueError(f"unknown tail mode {mode!r}; expected one of {TAIL_MODES}")
+
+
+class _TailCode(NamedTuple):
+    """Mode "lowrank": every row's code z [N, r], and the cache's basis [V, r] and bias [V], in
+    the loss's compute dtype."""
+
+    z: Tensor
+    basis: Tensor
+    bias: Tensor
+
+    def dense(self, rows: Tensor | slice, topk_ids: Tensor, topk_logprobs: Tensor,
+              tail_logmass: Tensor) -> Tensor:
+        """The teacher's log-probs [c, V] at `rows`: the top-k as cached, the exact tail mass
+        (floored as in every mode) spread as softmax(bias + basis z) over the other ids."""
+        logits = torch.addmm(self.bias, self.z[rows], self.basis.T)
+        logits.scatter_(-1, topk_ids, -math.inf)
+        torch.log_softmax(logits, -1, out=logits)
+        logits.add_(tail_logmass.to(logits.dtype).clamp_min(EMPTY_TAIL_LOGMASS)[:, None])
+        return logits.scatter_(-1, topk_ids, topk_logprobs.to(logits.dtype))
+
+
+def _tail_code(
+    mode: TailMode,
+    tail_code: Tensor | None,
+    basis: tuple[Tensor, Tensor] | None,
+    rows: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+) -> _TailCode | None:
+    """The checked tail code of mode "lowrank"; None for the other modes, which take none."""
+    if mode != "lowrank":
+        if tail_code is not None or basis is not None:
+            raise ValueError(f"tail_code applies to tail mode 'lowrank' only, not {mode!r}")
+        return None
+    if tail_code is None or basis is None:
+        raise ValueError("tail mode 'lowrank' needs tail_code [..., r] and tail_code_basis "
+                         "(basis [V, r], bias [V]): the cache's tail code")
+    weights, bias = basis
+    z = tail_code.reshape(rows, -1)
+    if weights.shape != (vocab_size, z.shape[1]) or bias.shape != (vocab_size,):
+        raise ValueError(f"tail_code_basis has shapes {tuple(weights.shape)} and "
+                         f"{tuple(bias.shape)}, expected ({vocab_size}, {z.shape[1]}) and "
+                         f"({vocab_size},)")
+    return _TailCode(*(t.detach().to(dtype) for t in (z, weights, bias)))
 
 
 def _tail_shape(
@@ -231,11 +280,14 @@ def topk_divergences(
     mode: TailMode = "bucket",
     t2_scale: bool = False,
     log_tail_shape: Tensor | None = None,
+    tail_code: Tensor | None = None,
+    tail_code_basis: tuple[Tensor, Tensor] | None = None,
 ) -> Divergences:
     """Per-position FKL and RKL from materialised student logits.
 
     Shapes: logits [..., V], ids and log-probs [..., k], tail and mask [...] (mask None means all
-    positions count), `log_tail_shape` [V] (mode "shape" only). Softmax runs in at least
+    positions count), `log_tail_shape` [V] (mode "shape" only), `tail_code` [..., r] and
+    `tail_code_basis` ([V, r], [V]) (mode "lowrank" only). Softmax runs in at least
     float32. Masked positions get 0 and no gradient; their ids and teacher values may be padding
     garbage, so they are replaced before use.
     """
@@ -244,6 +296,7 @@ def topk_divergences(
     vocab_size, k = student_logits.shape[-1], topk_ids.shape[-1]
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     shape = _tail_shape(mode, log_tail_shape, vocab_size, compute_dtype, student_logits.device)
+    code = _tail_code(mode, tail_code, tail_code_basis, lead.numel(), vocab_size, compute_dtype)
     logits = student_logits.reshape(-1, vocab_size).to(compute_dtype)
     ids = topk_ids.reshape(-1, k)
     teacher = topk_logprobs.reshape(-1, k).to(compute_dtype)
@@ -258,8 +311,12 @@ def topk_divergences(
 
     log_q = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     stats = _student_stats(log_q, ids, mode, shape)
-    shape_rows = shape.rows(ids) if shape is not None and k < vocab_size else None
-    fkl, rkl = _divergences_from_stats(stats, teacher, tail, vocab_size - k, mode, shape_rows)
+    if code is not None:
+        dense = code.dense(slice(None), ids, teacher, tail)
+        fkl, rkl = _divergences_from_stats(_StudentStats(log_q, stats.tail), dense, None, 0, mode)
+    else:
+        shape_rows = shape.rows(ids) if shape is not None and k < vocab_size else None
+        fkl, rkl = _divergences_from_stats(stats, teacher, tail, vocab_size - k, mode, shape_rows)
     if t2_scale:
         fkl, rkl = fkl * temperature**2, rkl * temperature**2
     student_tail = stats.tail.detach()
@@ -305,6 +362,7 @@ class _TeacherChunk(NamedTuple):
     logprobs: Tensor
     tail_logmass: Tensor | None
     shape: _TailShape | None = None
+    top_ids: Tensor | None = None  # a dense teacher's top-k ids, for the student's tail mass
 
 
 class _CachedRows(NamedTuple):
@@ -315,11 +373,14 @@ class _CachedRows(NamedTuple):
     logprobs: Tensor
     tail_logmass: Tensor
     shape: _TailShape | None
+    code: _TailCode | None = None
 
     def chunk(self, rows: Tensor, temperature: float, dtype: torch.dtype) -> _TeacherChunk:
-        return _TeacherChunk(
-            self.ids[rows], self.logprobs[rows], self.tail_logmass[rows], self.shape
-        )
+        ids, logprobs, tail = self.ids[rows], self.logprobs[rows], self.tail_logmass[rows]
+        if self.code is not None:
+            return _TeacherChunk(None, self.code.dense(rows, ids, logprobs, tail), None,
+                                 top_ids=ids)
+        return _TeacherChunk(ids, logprobs, tail, self.shape)
 
 
 class _LiveRows(NamedTuple):
@@ -367,7 +428,7 @@ def _chunk_loss_and_grad(
     e_j <= 1 on the tail, so nothing overflows however small the tail mass Q is. Mode "shape"
     weights the last term by the tail shape, D_sum_slogq w_j, and adds q_j D_sum_qlogs log w_j.
     """
-    topk_ids, topk_logprobs, tail_logmass, shape = teacher
+    topk_ids, topk_logprobs, tail_logmass, shape, top_ids = teacher
     fkl_coef, rkl_coef, ce_coef = coefs
     tail_size = 0 if topk_ids is None else logits.shape[-1] - topk_ids.shape[-1]
     # CE is a hard-label term taken at T = 1 (Hinton); at T = 1 it shares the softmax.
@@ -386,6 +447,9 @@ def _chunk_loss_and_grad(
         nll = -log_q.gather(-1, targets)[:, 0]
     stats = _student_stats(log_q, topk_ids, mode, shape)
     shape_rows = shape.rows(topk_ids) if mode == "shape" and tail_size else None
+    student_tail = stats.tail
+    if top_ids is not None:  # for the log only: 1 - sum over the top-k, no [c, V] pass
+        student_tail = torch.log1p(-log_q.gather(-1, top_ids).exp().sum(-1).clamp_max(1.0))
 
     with torch.enable_grad():
         leaves = _StudentStats(*(None if t is None else t.detach().requires_grad_() for t in stats))
@@ -438,7 +502,7 @@ def _chunk_loss_and_grad(
         grad.scatter_add_(-1, targets, -ce_coef[:, None])
 
     loss = kl_loss.detach() + (0.0 if nll is None else (ce_coef * nll).sum())
-    return _ChunkResult(loss, fkl.detach(), rkl.detach(), stats.tail, nll, grad)
+    return _ChunkResult(loss, fkl.detach(), rkl.detach(), student_tail, nll, grad)
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -564,12 +628,15 @@ def fused_divergence_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     t2_scale: bool = False,
     log_tail_shape: Tensor | None = None,
+    tail_code: Tensor | None = None,
+    tail_code_basis: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Divergences]:
     """loss = sum_n fkl_coef*fkl + rkl_coef*rkl + ce_coef*(-log softmax(logits)[target]).
 
     hidden [N, H] (any float dtype; leading dims [B, S, H] are flattened), weight [V, H] and
     bias [V] or None in the same dtype; teacher tensors (and `log_tail_shape`, mode "shape"
-    only) as in `topk_divergences` and coefficients [N], with the same leading dims as hidden.
+    only, `tail_code` and `tail_code_basis`, mode "lowrank" only) as in `topk_divergences` and
+    coefficients [N], with the same leading dims as hidden.
     Positions
     whose coefficients are all zero are skipped (padding costs nothing) and report
     fkl = rkl = 0; a position with any nonzero coefficient reports both, so RKL is still logged
@@ -584,8 +651,11 @@ def fused_divergence_loss(
     compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
     shape = _tail_shape(mode, log_tail_shape, lm_head_weight.shape[0], compute_dtype,
                         hidden.device)
+    code = _tail_code(mode, tail_code, tail_code_basis, tail_logmass.numel(),
+                      lm_head_weight.shape[0], compute_dtype)
     teacher = _CachedRows(
-        topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1), shape
+        topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1), shape,
+        code,
     )
     return _fused(hidden, lm_head_weight, lm_head_bias, teacher, fkl_coef, rkl_coef, ce_coef,
                   target_ids, temperature, mode, chunk_size, t2_scale)
@@ -681,13 +751,24 @@ class LossSettings:
 
 
 class CachedTeacher(NamedTuple):
-    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S], and the
-    cache's log tail shape [V] (read by tail mode "shape" only)."""
+    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S], the
+    cache's log tail shape [V] (read by tail mode "shape" only), and the rows' tail codes
+    [B, S, r] with the cache's basis [V, r] and bias [V] (tail mode "lowrank" only)."""
 
     topk_ids: Tensor
     topk_logprobs: Tensor
     tail_logmass: Tensor
     log_tail_shape: Tensor | None = None
+    tail_code: Tensor | None = None
+    tail_code_basis: tuple[Tensor, Tensor] | None = None
+
+
+class CachedTailModel(NamedTuple):
+    """What a cache stores, once, for the tail modes that model the tail: its log tail shape
+    [V] ("shape") or its tail code's basis [V, r] and bias [V] ("lowrank"); None otherwise."""
+
+    log_tail_shape: Tensor | None = None
+    tail_code_basis: tuple[Tensor, Tensor] | None = None
 
 
 class LiveTeacher(NamedTuple):
@@ -750,10 +831,13 @@ def distillation_loss(
     else:
         tail_logmass = teacher.tail_logmass[loss_mask]
         shape = teacher.log_tail_shape if settings.tail_mode == "shape" else None
+        lowrank = settings.tail_mode == "lowrank"
         loss, div = fused_divergence_loss(
             rows, lm_head.weight, lm_head.bias, teacher.topk_ids[loss_mask],
             teacher.topk_logprobs[loss_mask], tail_logmass, mode=settings.tail_mode,
-            log_tail_shape=shape, **terms,
+            log_tail_shape=shape,
+            tail_code=teacher.tail_code[loss_mask] if lowrank else None,
+            tail_code_basis=teacher.tail_code_basis if lowrank else None, **terms,
         )
         teacher_tail = tail_logmass.exp().mean()
     return LossOutput(

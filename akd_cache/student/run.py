@@ -26,7 +26,7 @@ from akd_cache.student.checkpoints import (
     discard_checkpoints,
     last_complete_checkpoint,
 )
-from akd_cache.student.loss import LossSettings
+from akd_cache.student.loss import CachedTailModel, LossSettings
 from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
@@ -61,20 +61,27 @@ def training_data(
     return cache_dataset(cache, experiment, train), cache.key
 
 
-def cached_tail_shape(
+def cached_tail_model(
     experiment: Experiment, train: TrainConfig, dataset: torch.utils.data.Dataset
-) -> torch.Tensor | None:
-    """The tail shape of the cache behind `dataset`, when the experiment trains on the cache in
-    the 'shape' mode (a distillation dataset is always a `CacheDataset`)."""
+) -> CachedTailModel:
+    """What the cache behind `dataset` stores for the experiment's tail mode, when it trains on
+    the cache in the 'shape' or 'lowrank' mode (a distillation dataset is a `CacheDataset`)."""
     settings = LossSettings.of(experiment, train)
     online = isinstance(experiment, DistillationExperiment) and experiment.online
-    if not settings.distill or online or settings.tail_mode != "shape":
-        return None
+    if not settings.distill or online or settings.tail_mode not in ("shape", "lowrank"):
+        return CachedTailModel()
     cache = dataset.cache
-    if cache.log_tail_shape is None:
-        raise CacheError(f"{cache.location}: tail_mode 'shape' needs a tail shape, and this "
-                         "cache has none: build it with cache.tail_shape: true")
-    return torch.from_numpy(cache.log_tail_shape)
+    if settings.tail_mode == "shape":
+        if cache.log_tail_shape is None:
+            raise CacheError(f"{cache.location}: tail_mode 'shape' needs a tail shape, and this "
+                             "cache has none: build it with cache.tail_shape: true")
+        return CachedTailModel(log_tail_shape=torch.from_numpy(cache.log_tail_shape))
+    if cache.tail_code is None:
+        raise CacheError(f"{cache.location}: tail_mode 'lowrank' needs a tail code, and this "
+                         "cache has none: build it with cache.tail_rank > 0")
+    code = cache.tail_code
+    return CachedTailModel(tail_code_basis=(torch.from_numpy(code.basis),
+                                            torch.from_numpy(code.bias)))
 
 
 def train_experiment(
@@ -107,7 +114,7 @@ def train_experiment(
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train, live_teacher,
-                                 cached_tail_shape(experiment, train, dataset)),
+                                 cached_tail_model(experiment, train, dataset)),
         args=training_arguments(train, checkpoints),
         train_dataset=dataset,
         data_collator=collate,

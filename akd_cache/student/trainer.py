@@ -35,6 +35,7 @@ from akd_cache.student.checkpoints import (
     write_atomically,
 )
 from akd_cache.student.loss import (
+    CachedTailModel,
     CachedTeacher,
     LiveTeacher,
     LossOutput,
@@ -58,8 +59,8 @@ class DistillationModule(torch.nn.Module):
 
     def __init__(self, student: PreTrainedModel, experiment: Experiment, train: TrainConfig,
                  teacher: PreTrainedModel | None = None,
-                 log_tail_shape: torch.Tensor | None = None):
-        """`log_tail_shape`: the cache's tail shape [V], for the 'shape' tail mode only."""
+                 tail_model: CachedTailModel | None = None):
+        """`tail_model`: what the cache stores for the 'shape' or 'lowrank' tail mode."""
         super().__init__()
         online = isinstance(experiment, DistillationExperiment) and experiment.online
         if online != (teacher is not None):
@@ -67,7 +68,11 @@ class DistillationModule(torch.nn.Module):
         self.student = student
         self.teacher = teacher
         self.loss_settings = LossSettings.of(experiment, train)
-        self.register_buffer("log_tail_shape", log_tail_shape, persistent=False)
+        tail_model = tail_model or CachedTailModel()
+        self.register_buffer("log_tail_shape", tail_model.log_tail_shape, persistent=False)
+        basis, bias = tail_model.tail_code_basis or (None, None)
+        self.register_buffer("tail_code_basis", basis, persistent=False)
+        self.register_buffer("tail_code_bias", bias, persistent=False)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """The teacher stays in eval mode (no dropout) while the student trains."""
@@ -90,11 +95,15 @@ class DistillationModule(torch.nn.Module):
         topk_logprobs: torch.Tensor,
         tail_logmass: torch.Tensor,
         beta: torch.Tensor,
+        tail_code: torch.Tensor | None = None,
     ) -> LossOutput:
         lm = self._causal_lm()
         hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.teacher is None:
-            teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass, self.log_tail_shape)
+            basis = (None if self.tail_code_basis is None
+                     else (self.tail_code_basis, self.tail_code_bias))
+            teacher = CachedTeacher(topk_ids, topk_logprobs, tail_logmass, self.log_tail_shape,
+                                    tail_code, basis)
         else:
             with torch.no_grad():
                 teacher_hidden = self.teacher.base_model(

@@ -55,6 +55,7 @@ def make_ingredients(
         k=cache.k,
         temperature=cache.temperature,
         tail_shape=cache.tail_shape,
+        tail_rank=cache.tail_rank,
     )
 
 
@@ -65,6 +66,7 @@ SETTING_OF_INGREDIENT = {
     "max_train_samples": "data.max_train_samples", "template": "cache.template",
     "max_length": "cache.max_length", "truncation": "cache.truncation", "k": "cache.k",
     "temperature": "cache.temperature", "tail_shape": "cache.tail_shape",
+    "tail_rank": "cache.tail_rank",
 }
 
 
@@ -77,7 +79,7 @@ def check_cache_settings(
     sections = {"teacher": teacher, "data": data, "cache": cache}
     for ingredient, setting in SETTING_OF_INGREDIENT.items():
         section, name = setting.split(".")
-        ours, theirs = getattr(sections[section], name), ingredients[ingredient]
+        ours, theirs = getattr(sections[section], name), ingredients.get(ingredient)
         if ours != theirs:
             raise CacheError(f"{location}: the cache was built with {setting}={theirs!r}, the "
                              f"params say {ours!r}; run `akd cache-teacher` for the current "

@@ -16,10 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from akd_cache.errors import ModelError
+from akd_cache.store import format as fmt
+from akd_cache.store.format import TailCode
 from akd_cache.store.rows import TeacherRows, TokenizedSample
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
 FLOAT32_BYTES = 4
+# W^T W's eigenvalues are floored at this fraction of the largest before the square root: a
+# direction the lm head cannot see moves no logit, and must not blow up the inverse root
+GRAM_EIGEN_FLOOR = 1e-10
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,6 +71,7 @@ class HFTeacher:
         self.batch_tokens = batch_tokens
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.rows_per_chunk = max(1, LOGIT_CHUNK_BYTES // (self.vocab_size * FLOAT32_BYTES))
+        self.tail_code: TailCode | None = None
 
     @torch.inference_mode()
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
@@ -94,6 +100,42 @@ class HFTeacher:
                 rows += len(logits)
         return (total / rows).numpy()
 
+    @torch.inference_mode()
+    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
+        """`store.rows.TailCodeBackend`: principal directions of the logits W (h - mean) over the
+        samples' loss rows (W scaled to the cache's temperature), found as those of
+        G^(1/2) (h - mean) with G = W^T W, so that only [H, H] matrices are decomposed."""
+        head = self.model.get_output_embeddings()
+        hidden_size = head.weight.shape[1]
+        if not 0 < rank <= hidden_size:
+            raise ModelError(f"tail_rank {rank} is not in [1, {hidden_size}], the teacher's "
+                             "hidden size")
+        lengths = [len(s.input_ids) for s in samples]
+        rows = torch.cat([self._row_hidden([samples[i] for i in batch])[0].double().cpu()
+                          for batch in length_buckets(lengths, self.batch_tokens)])
+        if len(rows) < rank:
+            raise ModelError(f"tail_rank {rank} needs at least as many calibration rows, and "
+                             f"there are {len(rows)}")
+        weight = head.weight.detach().double().cpu() * (self.logit_scale / self.temperature)
+        mean = rows.mean(0)
+        evals, evecs = torch.linalg.eigh(weight.T @ weight)
+        evals = evals.clamp_min(evals.max() * GRAM_EIGEN_FLOOR)
+        root = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+        inv_root = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+        _, _, vt = torch.linalg.svd((rows - mean) @ root, full_matrices=False)
+        directions = vt[:rank].T
+        bias = weight @ mean
+        if head.bias is not None:
+            bias += head.bias.detach().double().cpu() * (self.logit_scale / self.temperature)
+        return TailCode(
+            encoder=(root @ directions).float().numpy(), mean=mean.float().numpy(),
+            basis=(weight @ inv_root @ directions).float().numpy(), bias=bias.float().numpy(),
+            step=fmt.tail_code_step(len(weight), rank),
+        )
+
+    def use_tail_code(self, code: TailCode | None) -> None:
+        self.tail_code = code
+
     def _row_hidden(self, samples: list[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
         """The final hidden states at every loss row of the batch, and the rows' next tokens."""
         width = max(len(s.input_ids) for s in samples)
@@ -121,12 +163,14 @@ class HFTeacher:
     def _score_batch(self, samples: list[TokenizedSample]) -> list[TeacherRows]:
         row_hidden, targets = self._row_hidden(samples)
         topk_ids, topk_lp, tail, target_lp = self._lm_head_topk(row_hidden, targets)
+        codes = (None if self.tail_code is None
+                 else self.tail_code.encode(row_hidden.float().cpu().numpy()))
         out, start = [], 0
         for s in samples:
             end = start + s.n_loss_rows
             out.append(
                 TeacherRows(topk_ids[start:end], topk_lp[start:end], tail[start:end],
-                            target_lp[start:end])
+                            target_lp[start:end], None if codes is None else codes[start:end])
             )
             start = end
         return out
