@@ -69,7 +69,21 @@ def build_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         "mask": torch.ones(n, dtype=torch.bool),
         "fkl_coef": (1 - BETA) * coef,
         "rkl_coef": BETA * coef,
+        "tail_model": tail_model(args, gen),
     }
+
+
+def tail_model(args: argparse.Namespace, gen: torch.Generator) -> dict:
+    """What the 'shape' and 'lowrank' modes read besides the rows: a random tail shape, or a
+    random rank-`--tail-rank` tail code (basis columns of unit norm, as the format's)."""
+    n, vocab = args.batch * args.seq, args.vocab
+    if args.mode == "shape":
+        return {"log_tail_shape": torch.randn(vocab, generator=gen)}
+    if args.mode == "lowrank":
+        basis = torch.linalg.qr(torch.randn(vocab, args.tail_rank, generator=gen))[0]
+        return {"tail_code": torch.randn(n, args.tail_rank, generator=gen) * vocab**0.5,
+                "tail_code_basis": (basis, torch.randn(vocab, generator=gen))}
+    return {}
 
 
 def step(variant: str, chunk_size: int, mode: str, x: dict[str, torch.Tensor]) -> float:
@@ -78,7 +92,8 @@ def step(variant: str, chunk_size: int, mode: str, x: dict[str, torch.Tensor]) -
     x["weight"].grad = None
     if variant == "naive":
         logits = x["hidden"] @ x["weight"].T
-        div = topk_divergences(logits, x["ids"], x["top_lp"], x["tail"], x["mask"], mode=mode)
+        div = topk_divergences(logits, x["ids"], x["top_lp"], x["tail"], x["mask"], mode=mode,
+                               **x["tail_model"])
         loss = (x["fkl_coef"] * div.fkl + x["rkl_coef"] * div.rkl).sum()
     else:
         loss, _ = fused_divergence_loss(
@@ -92,6 +107,7 @@ def step(variant: str, chunk_size: int, mode: str, x: dict[str, torch.Tensor]) -
             rkl_coef=x["rkl_coef"],
             mode=mode,
             chunk_size=chunk_size,
+            **x["tail_model"],
         )
     loss.backward()
     return loss.item()
@@ -130,8 +146,9 @@ def measure_time(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, what: str, variants: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--child-variants", *variants]
-    for name in ("batch", "seq", "vocab", "hidden", "k", "repeats", "threads", "mode"):
-        cmd += [f"--{name}", str(getattr(args, name))]
+    for name in ("batch", "seq", "vocab", "hidden", "k", "repeats", "threads", "mode",
+                 "tail_rank"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -144,6 +161,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--mode", default="bucket")
+    parser.add_argument("--tail-rank", type=int, default=64, help="for --mode lowrank")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -45,7 +45,8 @@ final hidden state), so r numbers per row that keep most of W h's variance rebui
 z = (h - mean) @ encoder, and the tail logits are bias + basis @ z, with the encoder and basis
 the top r principal directions of W (h - mean) over the calibration rows (`TailCode`). Stage 2's
 `lowrank` tail mode spreads each row's exact tail mass as softmax(bias + basis @ z) over the ids
-outside its top-k: about a third of the uniform tail's error (docs/benchmarks.md).
+outside its top-k: 0.022 nat/token at k = 64 and r = 64 for 135 B/token, against 0.064 (uniform)
+and 0.041 (shape) for 90 B/token with SmolLM2 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
