@@ -643,3 +643,20 @@ def test_tail_code_needs_a_backend_that_sees_hidden_states(setup, tmp_path):
     with pytest.raises(ConfigError, match="cache.tail_rank: the TopKOnly teacher backend"):
         fill(str(tmp_path / "c"), setup["samples"], ingredients, len(setup["tokenizer"]),
              lambda: TopKOnly(), shard_rows=SHARD_ROWS)
+
+
+def test_a_cache_of_an_older_format_is_refused_by_its_version_not_called_damage(
+        reference_cache, tmp_path):
+    """A format-3 cache has no `tail_rank` ingredient: the reader names the format, with what to
+    do, instead of reporting the missing ingredient as damage."""
+    location = tmp_path / "cache"
+    shutil.copytree(reference_cache, location)
+    group = zarr.open_group(str(location), mode="r+")
+    attrs = dict(group.attrs[fmt.ATTRS])
+    ingredients = {name: value for name, value in attrs["ingredients"].items()
+                   if name != "tail_rank"}
+    attrs["ingredients"] = {**ingredients, "format_version": 3}
+    group.attrs[fmt.ATTRS] = attrs
+    with pytest.raises(CacheError, match="a format-3 cache; this akd reads format 4: run "
+                                         "`akd cache-teacher` to build it anew"):
+        TeacherCache(str(location))

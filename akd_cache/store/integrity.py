@@ -57,15 +57,15 @@ def damage_error(location: str, damage: list[Damage]) -> DamageError:
 def check_identity(meta: fmt.CacheMeta, location: str) -> None:
     """Refuse a cache whose key is not the hash of its stored ingredients (an edited key or
     ingredient), or one written in another format version."""
+    version = meta.ingredients.get("format_version")
+    if version != fmt.FORMAT_VERSION:  # first: an older format has other ingredients too
+        raise CacheError(f"{location}: a format-{version} cache; this akd reads format "
+                         f"{fmt.FORMAT_VERSION}: run `akd cache-teacher` to build it anew")
     names = {f.name for f in fields(CacheIngredients)}
     if set(meta.ingredients) != names:
         odd = sorted(set(meta.ingredients) ^ names)
         raise DamageError(f"{location}: the stored ingredients do not match the cache format "
                           f"(differing: {', '.join(odd)}); run `akd cache-teacher` to restore them")
-    version = meta.ingredients["format_version"]
-    if version != fmt.FORMAT_VERSION:
-        raise CacheError(f"{location}: a format-{version} cache; this akd reads format "
-                         f"{fmt.FORMAT_VERSION}: run `akd cache-teacher` to build it anew")
     derived = hash_key(meta.ingredients)
     if derived != meta.key:
         raise DamageError(
