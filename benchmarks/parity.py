@@ -159,6 +159,8 @@ def table(args: argparse.Namespace, results: dict[str, dict]) -> str:
             f"{mean_sd(values(method, way, 'rkl'))} | {gaps[0]} | {gaps[1]} | "
             f"{statistics.fmean(values(method, way, 'wall_s')):.0f} | "
             f"{statistics.fmean(values(method, way, 'peak_memory_mb')):,.0f} |")
+    if "kd" not in args.methods or "bucket" not in args.ways:
+        return "\n".join(lines)
     sft, kd = values(BASELINE, "reference", "fkl"), values("kd", "bucket", "fkl")
     margin = statistics.fmean(sft) - statistics.fmean(kd)
     spread = max(statistics.stdev(sft), statistics.stdev(kd)) if len(args.seeds) > 1 else 0.0
