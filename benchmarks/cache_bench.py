@@ -30,7 +30,13 @@ from akd_cache.data.instructions import prepare
 from akd_cache.data.tokenize import tokenize_split
 from akd_cache.models.smollm2 import ensure_smollm2
 from akd_cache.store import format as fmt
-from akd_cache.store.reader import CacheDataset, ShardShuffleSampler, TeacherCache, collate
+from akd_cache.store.reader import (
+    CacheDataset,
+    ShardShuffleSampler,
+    TeacherCache,
+    collate,
+    share_with_workers,
+)
 from akd_cache.store.rows import TeacherRows
 from akd_cache.store.stats import cache_stats
 from akd_cache.store.writer import fill
@@ -90,6 +96,8 @@ def reconstruction_kl(cache: TeacherCache, rows: dict[str, TeacherRows]) -> np.n
 def loader_rows_per_s(cache: TeacherCache, workers: int, epochs: int) -> float:
     """Loss rows per second through the trainer's DataLoader setup (sampler, collate)."""
     sampler = ShardShuffleSampler(cache)
+    if workers:
+        share_with_workers()  # as the trainer does
     loader = torch.utils.data.DataLoader(
         CacheDataset(cache), batch_size=LOADER_BATCH, sampler=sampler, collate_fn=collate,
         num_workers=workers, persistent_workers=workers > 0,

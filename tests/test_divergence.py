@@ -693,8 +693,9 @@ def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
     hidden = torch.randn(batch, seq, width, generator=gen, dtype=F64)
     head = torch.nn.Linear(width, vocab, dtype=F64)
     _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=19)
-    rows = (ids.view(batch, seq, k), top_lp.view(batch, seq, k), tail.view(batch, seq))
     loss_mask = torch.rand(batch, seq, generator=gen) > 0.3
+    at_loss = loss_mask.reshape(-1)  # the cached teacher holds the loss positions' rows only
+    rows = (ids[at_loss], top_lp[at_loss], tail[at_loss])
     labels = torch.randint(vocab, (batch, seq), generator=gen)
     beta = torch.tensor(0.4, dtype=F64)
 
@@ -751,16 +752,16 @@ def test_distillation_loss_passes_the_tail_code_in_lowrank_mode_only() -> None:
     hidden = torch.randn(batch, seq, width, generator=gen, dtype=F64)
     head = torch.nn.Linear(width, vocab, dtype=F64)
     _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=21)
-    rows = (ids.view(batch, seq, k), top_lp.view(batch, seq, k), tail.view(batch, seq))
     loss_mask = torch.rand(batch, seq, generator=gen) > 0.3
+    at_loss = loss_mask.reshape(-1)  # the cached teacher holds the loss positions' rows only
+    rows = (ids[at_loss], top_lp[at_loss], tail[at_loss])
     labels = torch.randint(vocab, (batch, seq), generator=gen)
     beta = torch.tensor(0.4, dtype=F64)
     code = random_tail_code(batch * seq, vocab, seed=21)
 
     def run(mode: str) -> torch.Tensor:
         settings = LossSettings(distill=True, ce_weight=0.0, tail_mode=mode, chunk_size=3)
-        teacher = CachedTeacher(*rows, None, code["tail_code"].view(batch, seq, TAIL_RANK),
-                                code["tail_code_basis"])
+        teacher = CachedTeacher(*rows, None, code["tail_code"][at_loss], code["tail_code_basis"])
         return distillation_loss(hidden, head, teacher, loss_mask, labels, beta, settings).loss
 
     p = dense_lowrank_teacher(top_lp, ids, tail, **code).view(batch, seq, vocab)

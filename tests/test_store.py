@@ -121,8 +121,11 @@ def test_stored_distribution_is_close_in_kl(setup, reference_cache):
 
 
 def test_collate_aligns_rows_with_the_positions_that_predict_them(setup, reference_cache):
+    """The packed teacher rows [R, ...] follow `x[loss_mask]`'s order: row r of the batch is the
+    row of the r-th loss position, sample by sample."""
     cache = TeacherCache(str(reference_cache))
     batch = collate([cache[i] for i in (3, 0, 7)])
+    start = 0
     for b, i in enumerate((3, 0, 7)):
         sample = setup["samples"][i]
         positions = torch.nonzero(batch["loss_mask"][b]).squeeze(-1).tolist()
@@ -130,8 +133,16 @@ def test_collate_aligns_rows_with_the_positions_that_predict_them(setup, referen
         # the label at position j is token j + 1: the token the teacher row predicts
         labels = batch["labels"][b][batch["loss_mask"][b]].tolist()
         assert labels == sample.input_ids[sample.prompt_len :]
-        tail = setup["reference"][sample.sample_id].tail_logmass
-        assert batch["tail_logmass"][b][batch["loss_mask"][b]].tolist() == tail.tolist()
+        rows = slice(start, start + sample.n_loss_rows)
+        reference = setup["reference"][sample.sample_id]
+        assert batch["tail_logmass"][rows].tolist() == reference.tail_logmass.tolist()
+        assert (np.sort(batch["topk_ids"][rows].numpy(), 1)
+                == np.sort(reference.topk_ids, 1)).all()
+        np.testing.assert_array_equal(batch["topk_logprobs"][rows].numpy(),
+                                      cache[i].topk_logprobs)
+        start += sample.n_loss_rows
+    assert start == batch["loss_mask"].sum().item() == len(batch["topk_ids"])
+    assert batch["topk_ids"].dtype == torch.int32
     assert batch["attention_mask"].sum().item() == sum(
         len(setup["samples"][i].input_ids) for i in (3, 0, 7))
     loader = torch.utils.data.DataLoader(CacheDataset(cache), batch_size=4, collate_fn=collate)
@@ -583,8 +594,8 @@ def test_tail_code_cache_stores_each_rows_quantised_code(setup, code_cache):
         assert np.abs(got - want).max() <= 0.5 + 1e-3
     assert cache[3].tail_code.shape == (setup["samples"][3].n_loss_rows, TINY_HIDDEN)
     batch = collate([cache[i] for i in range(3)])
-    assert batch["tail_code"].shape == (*batch["loss_mask"].shape, TINY_HIDDEN)
-    np.testing.assert_array_equal(batch["tail_code"][batch["loss_mask"]].numpy(),
+    assert batch["tail_code"].shape == (batch["loss_mask"].sum(), TINY_HIDDEN)
+    np.testing.assert_array_equal(batch["tail_code"].numpy(),
                                   np.concatenate([cache[i].tail_code for i in range(3)]))
 
 

@@ -66,9 +66,10 @@ def test_step_loss_equals_a_naive_full_vocabulary_computation(cache_and_student,
     per_sample = []
     for b in range(4):
         rows = batch["loss_mask"][b]
-        div = topk_divergences(logits[b][rows], batch["topk_ids"][b][rows],
-                               batch["topk_logprobs"][b][rows].double(),
-                               batch["tail_logmass"][b][rows].double(),
+        sample = cache[b]  # the teacher rows straight from the reader, not from collate
+        div = topk_divergences(logits[b][rows], torch.from_numpy(sample.topk_ids),
+                               torch.from_numpy(sample.topk_logprobs).double(),
+                               torch.from_numpy(sample.tail_logmass).double(),
                                torch.ones(int(rows.sum()), dtype=torch.bool))
         ce = torch.nn.functional.cross_entropy(logits[b][rows], batch["labels"][b][rows])
         mix = beta * div.rkl.mean() + (1 - beta) * div.fkl.mean()

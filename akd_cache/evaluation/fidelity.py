@@ -132,9 +132,10 @@ def per_sample_fidelity(
         mask = batch["loss_mask"]
         sample_of = torch.nonzero(mask)[:, 0] + start
         lengths[start : start + len(indices)] = mask.sum(1).numpy()
-        rows = {name: batch[name][mask] for name in ("labels", "topk_ids", "topk_logprobs",
-                                                       "tail_logmass", "tail_code")
-                if name in batch}
+        rows = {name: batch[name] for name in ("topk_logprobs", "tail_logmass", "tail_code")
+                if name in batch}  # collate packs the teacher rows of the loss positions
+        rows["topk_ids"] = batch["topk_ids"].long()
+        rows["labels"] = batch["labels"][mask]
         teacher_hidden = _hidden(teacher, batch) if teacher is not None else None
         for model_name, student in students.items():
             student_hidden = _hidden(student, batch)

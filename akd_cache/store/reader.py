@@ -304,36 +304,41 @@ class ShardShuffleSampler(torch.utils.data.Sampler[int]):
             yield from rng.permutation(np.flatnonzero(self.shards == shard)).tolist()
 
 
-def collate(samples: list[CachedSample], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded batch; the cached rows sit at the positions that predict the next token.
+def share_with_workers() -> None:
+    """Let DataLoader workers hand batches over as named files in shared memory rather than
+    as passed file descriptors: 1.3x the rows per second through 1 or 2 workers on the
+    project's machine (docs/benchmarks.md). Process-wide; for a process that reads with workers."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
 
-    `loss_mask[b, j]` is true where position j predicts a response token or the EOS, and the
-    top-k tensors hold that position's teacher row, so `x[loss_mask]` lines up across all of them.
+
+def collate(samples: list[CachedSample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded token tensors [B, W], and the teacher rows of the loss positions only.
+
+    `loss_mask[b, j]` is true where position j predicts a response token or the EOS. The teacher
+    tensors (`topk_ids`, `topk_logprobs` [R, k], `tail_logmass` [R], `tail_code` [R, r] for a
+    cache with one) hold one row per such position, in `x[loss_mask]`'s order, so they line up
+    with `hidden[loss_mask]`. Prompt and padding positions get no row and ids are int32 (`.long()`
+    them to index): DataLoader workers hand over a third of the bytes of padded int64 rows
+    (docs/benchmarks.md).
     """
     width = max(len(s.input_ids) for s in samples)
-    k = samples[0].topk_ids.shape[1]
     batch = len(samples)
     out = {
         "input_ids": torch.full((batch, width), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros(batch, width, dtype=torch.long),
         "loss_mask": torch.zeros(batch, width, dtype=torch.bool),
         "labels": torch.zeros(batch, width, dtype=torch.long),
-        "topk_ids": torch.zeros(batch, width, k, dtype=torch.long),
-        "topk_logprobs": torch.zeros(batch, width, k, dtype=torch.float32),
-        "tail_logmass": torch.zeros(batch, width, dtype=torch.float32),
     }
-    coded = samples[0].tail_code is not None
-    if coded:
-        out["tail_code"] = torch.zeros(batch, width, samples[0].tail_code.shape[1])
     for b, s in enumerate(samples):
         length, rows = len(s.input_ids), slice(s.prompt_len - 1, len(s.input_ids) - 1)
         out["input_ids"][b, :length] = torch.from_numpy(s.input_ids)
         out["attention_mask"][b, :length] = 1
         out["loss_mask"][b, rows] = True
         out["labels"][b, rows] = torch.from_numpy(s.input_ids[s.prompt_len :])
-        out["topk_ids"][b, rows] = torch.from_numpy(s.topk_ids)
-        out["topk_logprobs"][b, rows] = torch.from_numpy(s.topk_logprobs)
-        out["tail_logmass"][b, rows] = torch.from_numpy(s.tail_logmass)
-        if coded:
-            out["tail_code"][b, rows] = torch.from_numpy(s.tail_code)
+    out["topk_ids"] = torch.from_numpy(np.concatenate([s.topk_ids for s in samples]).astype(
+        np.int32))
+    for name in ("topk_logprobs", "tail_logmass"):
+        out[name] = torch.from_numpy(np.concatenate([getattr(s, name) for s in samples]))
+    if samples[0].tail_code is not None:
+        out["tail_code"] = torch.from_numpy(np.concatenate([s.tail_code for s in samples]))
     return out

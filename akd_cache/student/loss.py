@@ -752,9 +752,10 @@ class LossSettings:
 
 
 class CachedTeacher(NamedTuple):
-    """The cache's rows for a batch: ids and log-probs [B, S, k], tail log-mass [B, S], the
-    cache's log tail shape [V] (read by tail mode "shape" only), and the rows' tail codes
-    [B, S, r] with the cache's basis [V, r] and bias [V] (tail mode "lowrank" only)."""
+    """The cache's rows for a batch, one per loss position in `x[loss_mask]`'s order (as
+    `store.reader.collate` packs them): ids (any integer dtype) and log-probs [R, k], tail
+    log-mass [R], the cache's log tail shape [V] (read by tail mode "shape" only), and the rows'
+    tail codes [R, r] with the cache's basis [V, r] and bias [V] (tail mode "lowrank" only)."""
 
     topk_ids: Tensor
     topk_logprobs: Tensor
@@ -830,14 +831,16 @@ def distillation_loss(
         )
         teacher_tail = torch.zeros((), device=rows.device)
     else:
-        tail_logmass = teacher.tail_logmass[loss_mask]
+        tail_logmass = teacher.tail_logmass
+        if len(tail_logmass) != len(rows):
+            raise ValueError(f"the cached teacher has {len(tail_logmass)} rows for "
+                             f"{len(rows)} loss positions: pass the rows of the loss positions")
         shape = teacher.log_tail_shape if settings.tail_mode == "shape" else None
         lowrank = settings.tail_mode == "lowrank"
         loss, div = fused_divergence_loss(
-            rows, lm_head.weight, lm_head.bias, teacher.topk_ids[loss_mask],
-            teacher.topk_logprobs[loss_mask], tail_logmass, mode=settings.tail_mode,
-            log_tail_shape=shape,
-            tail_code=teacher.tail_code[loss_mask] if lowrank else None,
+            rows, lm_head.weight, lm_head.bias, teacher.topk_ids.long(), teacher.topk_logprobs,
+            tail_logmass, mode=settings.tail_mode, log_tail_shape=shape,
+            tail_code=teacher.tail_code if lowrank else None,
             tail_code_basis=teacher.tail_code_basis if lowrank else None, **terms,
         )
         teacher_tail = tail_logmass.exp().mean()

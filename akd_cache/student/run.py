@@ -18,7 +18,7 @@ from akd_cache.config import (
 )
 from akd_cache.errors import CacheError, ConfigError
 from akd_cache.run_settings import discard_if_changed
-from akd_cache.store.reader import TeacherCache, collate
+from akd_cache.store.reader import TeacherCache, collate, share_with_workers
 from akd_cache.student.akd import BetaController
 from akd_cache.student.cache_data import cache_dataset
 from akd_cache.student.checkpoints import (
@@ -112,6 +112,8 @@ def train_experiment(
     if online:
         settings["teacher"] = teacher.model_dump()
     discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
+    if train.dataloader_workers:
+        share_with_workers()
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train, live_teacher,
                                  cached_tail_model(experiment, train, dataset)),
