@@ -773,3 +773,23 @@ def test_distillation_loss_passes_the_tail_code_in_lowrank_mode_only() -> None:
     plain = distillation_loss(hidden, head, CachedTeacher(*rows), loss_mask, labels, beta,
                               uniform).loss
     torch.testing.assert_close(run("uniform"), plain)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "uniform", "shape"])
+def test_a_student_tail_below_float32_range_keeps_its_log(mode: str) -> None:
+    """float32 logits whose tail lies 200 nat below the top-k: exp underflows to 0 there, yet
+    the student's tail log-mass and the divergences match a float64 computation."""
+    n, vocab, k = 6, 40, 4
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=22)
+    gen = torch.Generator().manual_seed(22)
+    logits = torch.randn(n, vocab, generator=gen, dtype=F64) - 200.0
+    logits.scatter_(-1, ids, torch.randn(n, k, generator=gen, dtype=F64))
+    logits[0] += 200.0  # one ordinary row beside the extreme ones
+    extra = tail_kwargs(mode, vocab, seed=22)
+    want = topk_divergences(logits, ids, top_lp, tail, None, mode=mode, **extra)
+    got = topk_divergences(logits.float(), ids, top_lp.float(), tail.float(), None, mode=mode,
+                           **{name: t.float() for name, t in extra.items()})
+    assert (logits[1:].float().scatter(-1, ids[1:], -math.inf).exp() == 0).all()
+    torch.testing.assert_close(got.student_tail_logmass.double(), want.student_tail_logmass,
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.fkl.double(), want.fkl, rtol=1e-4, atol=1e-4)

@@ -202,6 +202,12 @@ class _TailShape(NamedTuple):
         return _ShapeRows(log_mass_out, shape_out @ self.log_weights - log_mass_out)
 
 
+_EXACT_TAIL_SUM = 2.0**60
+"""A row's tail summed without the logsumexp shift is exact to float rounding above this many
+times the smallest normal float (1.4e-20 in float32): the terms that underflow to zero add up to
+less than 1e-20 of it. Below, the row's tail is recomputed with the shift."""
+
+
 def _student_stats(
     log_q: Tensor, topk_ids: Tensor | None, mode: TailMode, shape: _TailShape | None = None
 ) -> _StudentStats:
@@ -213,11 +219,19 @@ def _student_stats(
     if log_q.shape[-1] == topk_ids.shape[-1]:
         empty = torch.full_like(log_q_top[:, 0], -math.inf)
         return _StudentStats(log_q_top, empty)
-    # Masked logsumexp: stable even when the tail mass is far below float32 resolution of 1 - sum.
-    log_q_masked = log_q.scatter(-1, topk_ids, -math.inf)
-    tail = torch.logsumexp(log_q_masked, dim=-1)
-    q_out = log_q_masked.exp() if mode == "shape" else None  # 0 on the top-k ids
-    del log_q_masked
+    # The tail mass summed directly over the tail ids, never as 1 - sum of the top-k (which
+    # cancels when the tail is far below float32 resolution of 1). log q <= 0, so the exp cannot
+    # overflow and needs no logsumexp shift (a pass and a [n, V] temporary fewer); rows whose
+    # whole tail underflows are redone with the shift.
+    q_out = log_q.scatter(-1, topk_ids, -math.inf).exp_()  # q on the tail ids, 0 on the top-k
+    tail_mass = q_out.sum(-1)
+    tail = tail_mass.log()
+    underflow = (tail_mass < torch.finfo(tail_mass.dtype).tiny * _EXACT_TAIL_SUM).nonzero()
+    if len(underflow):
+        rows = underflow[:, 0]
+        tail[rows] = log_q[rows].scatter(-1, topk_ids[rows], -math.inf).logsumexp(-1)
+    if mode != "shape":
+        del q_out
     if mode not in ("uniform", "shape"):
         return _StudentStats(log_q_top, tail)
     # log q on the tail ids and 0 on the top-k ids: direct sums, no cancellation.
