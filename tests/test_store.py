@@ -23,6 +23,7 @@ from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_split
 from akd_cache.errors import ConfigError, DamageError, ModelError
 from akd_cache.store import format as fmt
+from akd_cache.store.inspect import describe
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.lock import CacheLockedError, WriterLock
 from akd_cache.store.reader import CacheDataset, CacheError, TeacherCache, collate
@@ -193,6 +194,7 @@ def test_resume_after_crash_equals_an_uninterrupted_run(setup, reference_cache, 
 KILL_SCRIPT = """
 import json, sys, time
 from pathlib import Path
+from akd_cache.store.inspect import describe
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.rows import TokenizedSample
 from akd_cache.store.writer import fill
@@ -579,6 +581,11 @@ def test_tail_code_rebuilds_the_teachers_logits_and_loses_less_with_each_rank(se
     assert errors[16] < random_error
     with pytest.raises(ModelError, match="tail_rank 65 is not in"):
         setup["teacher"].fit_tail_code(calibration, TINY_HIDDEN + 1)
+
+
+def test_inspect_names_the_tail_code(code_cache, reference_cache):
+    assert "tail code of rank 64 stored" in describe(TeacherCache(str(code_cache)), [])
+    assert "tail code" not in describe(TeacherCache(str(reference_cache)), [])
 
 
 def test_tail_code_cache_stores_each_rows_quantised_code(setup, code_cache):

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from akd_cache.errors import ModelError
 from akd_cache.store import format as fmt
-from akd_cache.store.format import TailCode
 from akd_cache.store.rows import TeacherRows, TokenizedSample
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
@@ -71,7 +70,7 @@ class HFTeacher:
         self.batch_tokens = batch_tokens
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.rows_per_chunk = max(1, LOGIT_CHUNK_BYTES // (self.vocab_size * FLOAT32_BYTES))
-        self.tail_code: TailCode | None = None
+        self.tail_code: fmt.TailCode | None = None
 
     @torch.inference_mode()
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
@@ -101,7 +100,7 @@ class HFTeacher:
         return (total / rows).numpy()
 
     @torch.inference_mode()
-    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
+    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> fmt.TailCode:
         """`store.rows.TailCodeBackend`: principal directions of the logits W (h - mean) over the
         samples' loss rows (W scaled to the cache's temperature), found as those of
         G^(1/2) (h - mean) with G = W^T W, so that only [H, H] matrices are decomposed."""
@@ -127,13 +126,13 @@ class HFTeacher:
         bias = weight @ mean
         if head.bias is not None:
             bias += head.bias.detach().double().cpu() * (self.logit_scale / self.temperature)
-        return TailCode(
+        return fmt.TailCode(
             encoder=(root @ directions).float().numpy(), mean=mean.float().numpy(),
             basis=(weight @ inv_root @ directions).float().numpy(), bias=bias.float().numpy(),
             step=fmt.tail_code_step(len(weight), rank),
         )
 
-    def use_tail_code(self, code: TailCode | None) -> None:
+    def use_tail_code(self, code: fmt.TailCode | None) -> None:
         self.tail_code = code
 
     def _row_hidden(self, samples: list[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
