@@ -80,7 +80,8 @@ def coded_cache(profile: Profile, rank: int) -> dict[str, str]:
 def train_all(args: argparse.Namespace) -> dict[str, Path]:
     params = load_params(args.params)
     profile = params.active
-    caches = {way: json.loads(TEACHER_CACHE_POINTER.read_text()) for way in args.ways}
+    demo_cache = json.loads(TEACHER_CACHE_POINTER.read_text())
+    caches = {way: demo_cache for way in args.ways}
     if LOWRANK in args.ways:
         caches[LOWRANK] = coded_cache(profile, args.tail_rank)
     caches[BASELINE] = caches[ONLINE]

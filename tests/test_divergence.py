@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -687,33 +688,64 @@ def test_tail_shape_is_required_by_shape_mode_and_refused_by_the_others() -> Non
             call(mode="shape", log_tail_shape=shape.index_fill(0, torch.tensor([2]), -math.inf))
 
 
-def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
-    gen = torch.Generator().manual_seed(19)
-    batch, seq, width, vocab, k = 2, 5, 6, 30, 4
+class LossBatch(NamedTuple):
+    """A small float64 batch for `distillation_loss`: the student's hidden states and lm head,
+    a random teacher of every position and the loss mask; `rows` are the teacher rows of the
+    loss positions only, as `collate` packs them."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Linear
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids, top-k log-probs, tail
+    loss_mask: torch.Tensor
+    labels: torch.Tensor
+    beta: torch.Tensor
+
+    @property
+    def rows(self) -> tuple[torch.Tensor, ...]:
+        at_loss = self.loss_mask.reshape(-1)
+        return tuple(t[at_loss] for t in self.teacher)
+
+    def loss(self, teacher: CachedTeacher, mode: str) -> torch.Tensor:
+        settings = LossSettings(distill=True, ce_weight=0.0, tail_mode=mode, chunk_size=3)
+        return distillation_loss(self.hidden, self.head, teacher, self.loss_mask, self.labels,
+                                 self.beta, settings).loss
+
+    def dense_objective(self, p: torch.Tensor) -> torch.Tensor:
+        """The AKD objective against a dense teacher p [B * S, V], per-sample normalised."""
+        batch, seq, _ = self.hidden.shape
+        fkl, rkl = dense_kl(p.view(batch, seq, -1), self.head(self.hidden).log_softmax(-1))
+        lengths = self.loss_mask.sum(1, keepdim=True).clamp(min=1)
+        mixed = ((1 - self.beta) * fkl + self.beta * rkl) * self.loss_mask / lengths
+        return (mixed.sum() / batch).detach()
+
+
+def loss_batch(seed: int, vocab: int = 30, k: int = 4) -> LossBatch:
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq, width = 2, 5, 6
     hidden = torch.randn(batch, seq, width, generator=gen, dtype=F64)
     head = torch.nn.Linear(width, vocab, dtype=F64)
-    _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=19)
+    _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=seed)
     loss_mask = torch.rand(batch, seq, generator=gen) > 0.3
-    at_loss = loss_mask.reshape(-1)  # the cached teacher holds the loss positions' rows only
-    rows = (ids[at_loss], top_lp[at_loss], tail[at_loss])
     labels = torch.randint(vocab, (batch, seq), generator=gen)
-    beta = torch.tensor(0.4, dtype=F64)
+    return LossBatch(hidden, head, (ids, top_lp, tail), loss_mask, labels,
+                     torch.tensor(0.4, dtype=F64))
+
+
+def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
+    b = loss_batch(seed=19)
+    vocab = b.head.out_features
 
     def run(mode: str, log_tail_shape: torch.Tensor | None) -> torch.Tensor:
-        settings = LossSettings(distill=True, ce_weight=0.0, tail_mode=mode, chunk_size=3)
-        teacher = CachedTeacher(*rows, log_tail_shape)
-        return distillation_loss(hidden, head, teacher, loss_mask, labels, beta, settings).loss
+        return b.loss(CachedTeacher(*b.rows, log_tail_shape), mode)
 
     shape = random_log_shape(vocab, seed=19)
     uniform = run("uniform", None)
     torch.testing.assert_close(run("uniform", shape), uniform)  # not read by another mode
     torch.testing.assert_close(run("shape", torch.zeros(vocab, dtype=F64)), uniform)
     # the random shape reaches the loss: it equals the dense teacher's objective
-    p = dense_shape_teacher(top_lp, ids, tail, shape).view(batch, seq, vocab)
-    fkl, rkl = dense_kl(p, head(hidden).log_softmax(-1))
-    lengths = loss_mask.sum(1, keepdim=True).clamp(min=1)
-    want = (((1 - beta) * fkl + beta * rkl) * loss_mask / lengths).sum() / batch
-    torch.testing.assert_close(run("shape", shape), want.detach())
+    ids, top_lp, tail = b.teacher
+    want = b.dense_objective(dense_shape_teacher(top_lp, ids, tail, shape))
+    torch.testing.assert_close(run("shape", shape), want)
     with pytest.raises(ValueError, match="'shape' needs log_tail_shape"):
         run("shape", None)
 
@@ -745,34 +777,20 @@ def test_tail_code_is_required_by_lowrank_mode_and_refused_by_the_others() -> No
 
 
 def test_distillation_loss_passes_the_tail_code_in_lowrank_mode_only() -> None:
-    """Through `distillation_loss`, [B, S] rows and their [B, S, r] codes line up: the loss is
-    the dense low-rank teacher's objective, and a code given to another mode is not read."""
-    gen = torch.Generator().manual_seed(21)
-    batch, seq, width, vocab, k = 2, 5, 6, 30, 4
-    hidden = torch.randn(batch, seq, width, generator=gen, dtype=F64)
-    head = torch.nn.Linear(width, vocab, dtype=F64)
-    _, ids, top_lp, tail = make_teacher(batch * seq, vocab, k, seed=21)
-    loss_mask = torch.rand(batch, seq, generator=gen) > 0.3
-    at_loss = loss_mask.reshape(-1)  # the cached teacher holds the loss positions' rows only
-    rows = (ids[at_loss], top_lp[at_loss], tail[at_loss])
-    labels = torch.randint(vocab, (batch, seq), generator=gen)
-    beta = torch.tensor(0.4, dtype=F64)
-    code = random_tail_code(batch * seq, vocab, seed=21)
+    """Through `distillation_loss`, the loss positions' rows and their codes line up: the loss
+    is the dense low-rank teacher's objective, and a code given to another mode is not read."""
+    b = loss_batch(seed=21)
+    code = random_tail_code(len(b.loss_mask.reshape(-1)), b.head.out_features, seed=21)
+    at_loss = b.loss_mask.reshape(-1)
 
     def run(mode: str) -> torch.Tensor:
-        settings = LossSettings(distill=True, ce_weight=0.0, tail_mode=mode, chunk_size=3)
-        teacher = CachedTeacher(*rows, None, code["tail_code"][at_loss], code["tail_code_basis"])
-        return distillation_loss(hidden, head, teacher, loss_mask, labels, beta, settings).loss
+        return b.loss(CachedTeacher(*b.rows, None, code["tail_code"][at_loss],
+                                    code["tail_code_basis"]), mode)
 
-    p = dense_lowrank_teacher(top_lp, ids, tail, **code).view(batch, seq, vocab)
-    fkl, rkl = dense_kl(p, head(hidden).log_softmax(-1))
-    lengths = loss_mask.sum(1, keepdim=True).clamp(min=1)
-    want = (((1 - beta) * fkl + beta * rkl) * loss_mask / lengths).sum() / batch
-    torch.testing.assert_close(run("lowrank"), want.detach())
-    uniform = LossSettings(distill=True, ce_weight=0.0, tail_mode="uniform", chunk_size=3)
-    plain = distillation_loss(hidden, head, CachedTeacher(*rows), loss_mask, labels, beta,
-                              uniform).loss
-    torch.testing.assert_close(run("uniform"), plain)
+    ids, top_lp, tail = b.teacher
+    want = b.dense_objective(dense_lowrank_teacher(top_lp, ids, tail, **code))
+    torch.testing.assert_close(run("lowrank"), want)
+    torch.testing.assert_close(run("uniform"), b.loss(CachedTeacher(*b.rows), "uniform"))
 
 
 @pytest.mark.parametrize("mode", ["bucket", "uniform", "shape"])

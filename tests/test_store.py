@@ -61,10 +61,12 @@ def setup(tiny_models, codealpaca_rows):
             "ingredients": ingredients, "teacher": teacher, "reference": {}}
 
 
-def build(location, setup, backend=None, **kwargs) -> bool:
+def build(location, setup, backend=None, ingredients=None, **kwargs) -> bool:
+    """Fill a cache of the setup's samples (its ingredients, or `ingredients`)."""
     return fill(
-        str(location), setup["samples"], setup["ingredients"], len(setup["tokenizer"]),
-        backend or (lambda: setup["teacher"]), shard_rows=SHARD_ROWS, **kwargs,
+        str(location), setup["samples"], ingredients or setup["ingredients"],
+        len(setup["tokenizer"]), backend or (lambda: setup["teacher"]), shard_rows=SHARD_ROWS,
+        **kwargs,
     )
 
 
@@ -468,8 +470,7 @@ def test_dense_logprobs_is_the_top_k_plus_each_modes_tail(setup, reference_cache
 def shape_cache(setup, tmp_path_factory):
     location = tmp_path_factory.mktemp("shape") / "cache"
     ingredients = replace(setup["ingredients"], tail_shape=True)
-    assert fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
-                lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    assert build(location, setup, ingredients=ingredients)
     return location
 
 
@@ -512,15 +513,17 @@ def test_dense_shape_mode_spreads_the_exact_tail_by_the_shape(setup, shape_cache
         TeacherCache(str(reference_cache)).dense_logprobs(0, "shape")
 
 
-def test_tail_shape_needs_a_backend_that_sees_the_whole_distribution(setup, tmp_path):
+@pytest.mark.parametrize("setting,value", [("tail_shape", True), ("tail_rank", 8)])
+def test_a_modelled_tail_needs_a_backend_that_sees_more_than_the_top_k(setup, tmp_path,
+                                                                       setting, value):
+    """The tail shape needs the whole distribution, the tail code the hidden states."""
     class TopKOnly:
         def score(self, samples):
             return setup["teacher"].score(samples)
 
-    ingredients = replace(setup["ingredients"], tail_shape=True)
-    with pytest.raises(ConfigError, match="cache.tail_shape: the TopKOnly teacher backend"):
-        fill(str(tmp_path / "c"), setup["samples"], ingredients, len(setup["tokenizer"]),
-             lambda: TopKOnly(), shard_rows=SHARD_ROWS)
+    ingredients = replace(setup["ingredients"], **{setting: value})
+    with pytest.raises(ConfigError, match=f"cache.{setting}: the TopKOnly teacher backend"):
+        build(tmp_path / "c", setup, lambda: TopKOnly(), ingredients=ingredients)
 
 
 def test_a_damaged_tail_shape_is_reported_and_not_guessed(setup, shape_cache, tmp_path):
@@ -532,8 +535,7 @@ def test_a_damaged_tail_shape_is_reported_and_not_guessed(setup, shape_cache, tm
         TeacherCache(str(location))
     ingredients = replace(setup["ingredients"], tail_shape=True)
     with pytest.raises(DamageError, match="cannot be rewritten exactly"):
-        fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
-             lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+        build(location, setup, ingredients=ingredients)
 
 
 @pytest.fixture(scope="module")
@@ -541,8 +543,7 @@ def code_cache(setup, tmp_path_factory):
     """A cache with a full-rank tail code: the tiny teacher's hidden size is 64."""
     location = tmp_path_factory.mktemp("code") / "cache"
     ingredients = replace(setup["ingredients"], tail_rank=TINY_HIDDEN)
-    assert fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
-                lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    assert build(location, setup, ingredients=ingredients)
     return location
 
 
@@ -642,25 +643,12 @@ def test_a_damaged_tail_code_shard_is_recomputed_and_a_damaged_basis_refused(
                       + original[middle + 1 :])
     with pytest.raises(DamageError, match="rows/tail_code"):
         TeacherCache(str(location))[0]
-    assert fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
-                lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    assert build(location, setup, ingredients=ingredients)
     assert shard.read_bytes() == original
     basis = next(p for p in (location / fmt.TAIL_CODE / "basis" / "c").rglob("*") if p.is_file())
     basis.write_bytes(basis.read_bytes()[:-1] + b"\x00")
     with pytest.raises(DamageError, match="cannot be rewritten exactly"):
-        fill(str(location), setup["samples"], ingredients, len(setup["tokenizer"]),
-             lambda: setup["teacher"], shard_rows=SHARD_ROWS)
-
-
-def test_tail_code_needs_a_backend_that_sees_hidden_states(setup, tmp_path):
-    class TopKOnly:
-        def score(self, samples):
-            return setup["teacher"].score(samples)
-
-    ingredients = replace(setup["ingredients"], tail_rank=8)
-    with pytest.raises(ConfigError, match="cache.tail_rank: the TopKOnly teacher backend"):
-        fill(str(tmp_path / "c"), setup["samples"], ingredients, len(setup["tokenizer"]),
-             lambda: TopKOnly(), shard_rows=SHARD_ROWS)
+        build(location, setup, ingredients=ingredients)
 
 
 def test_a_cache_of_an_older_format_is_refused_by_its_version_not_called_damage(

@@ -225,76 +225,50 @@ def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpac
                          TRAIN, tmp_path / "out2", "seqkd")
 
 
-@pytest.fixture(scope="module")
-def shape_cache(tiny_models, codealpaca_rows, tmp_path_factory):
-    location = str(tmp_path_factory.mktemp("shape") / "c")
+TAIL_MODELS = {"shape": {"tail_shape": True}, "lowrank": {"tail_rank": TAIL_RANK}}
+
+
+@pytest.fixture(scope="module", params=list(TAIL_MODELS))
+def modelled_cache(request, tiny_models, codealpaca_rows, tmp_path_factory):
+    """(mode, a cache that stores what that tail mode reads)."""
+    mode = request.param
+    location = str(tmp_path_factory.mktemp(mode) / "c")
     fill_tiny_cache(str(tiny_models["llama"]), codealpaca_rows[:N_SAMPLES],
-                    CacheConfig(k=K, max_length=128, tail_shape=True), location)
-    return location
+                    CacheConfig(k=K, max_length=128, **TAIL_MODELS[mode]), location)
+    return mode, location
 
 
-def test_the_shape_mode_trains_against_the_caches_dense_shape_distribution(
-        shape_cache, cache_and_student, tmp_path):
-    """The module's loss on a batch equals KL from `reader.dense_logprobs(i, 'shape')`, and a
-    run trains; without a stored shape the run is refused before it starts."""
+def test_a_modelled_tail_mode_trains_against_the_caches_dense_distribution(
+        modelled_cache, cache_and_student, tmp_path):
+    """The module's loss on a batch equals the AKD objective against
+    `reader.dense_logprobs(i, mode)`, and a run trains; on a cache without what the mode reads
+    the run is refused before it starts."""
+    mode, location = modelled_cache
     _, student_path = cache_and_student
-    cache = TeacherCache(shape_cache)
+    cache = TeacherCache(location)
     batch = collate([cache[i] for i in range(4)])
     student = AutoModelForCausalLM.from_pretrained(student_path).eval()
-    module = DistillationModule(student, KD(tail_mode="shape"), TRAIN,
-                                tail_model=CachedTailModel(torch.from_numpy(cache.log_tail_shape)))
-    out = module(**batch, beta=torch.tensor(0.0))
+    tail_model = (CachedTailModel(log_tail_shape=torch.from_numpy(cache.log_tail_shape))
+                  if mode == "shape" else
+                  CachedTailModel(tail_code_basis=(torch.from_numpy(cache.tail_code.basis),
+                                                   torch.from_numpy(cache.tail_code.bias))))
+    module = DistillationModule(student, KD(tail_mode=mode), TRAIN, tail_model=tail_model)
+    beta = 0.5
+    out = module(**batch, beta=torch.tensor(beta))
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).logits.double()
     want = []
     for b in range(4):
         log_q = logits[b][batch["loss_mask"][b]].log_softmax(-1)
-        log_p = torch.from_numpy(cache.dense_logprobs(b, "shape")).double()
-        want.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    assert out.loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
-
-    metrics = train_experiment(shape_cache, student_path, KD(tail_mode="shape"), TRAIN,
-                               tmp_path / "shape", "x")
-    assert metrics["steps"] == TRAIN.max_steps
-    with pytest.raises(CacheError, match="this cache has none"):
-        run(cache_and_student, tmp_path / "none", KD(tail_mode="shape"))
-
-
-@pytest.fixture(scope="module")
-def code_cache(tiny_models, codealpaca_rows, tmp_path_factory):
-    location = str(tmp_path_factory.mktemp("code") / "c")
-    fill_tiny_cache(str(tiny_models["llama"]), codealpaca_rows[:N_SAMPLES],
-                    CacheConfig(k=K, max_length=128, tail_rank=TAIL_RANK), location)
-    return location
-
-
-def test_the_lowrank_mode_trains_against_the_caches_dense_lowrank_distribution(
-        code_cache, cache_and_student, tmp_path):
-    """The module's loss on a batch equals KL from `reader.dense_logprobs(i, 'lowrank')`, and a
-    run trains; without a stored tail code the run is refused before it starts."""
-    _, student_path = cache_and_student
-    cache = TeacherCache(code_cache)
-    batch = collate([cache[i] for i in range(4)])
-    student = AutoModelForCausalLM.from_pretrained(student_path).eval()
-    basis = (torch.from_numpy(cache.tail_code.basis), torch.from_numpy(cache.tail_code.bias))
-    module = DistillationModule(student, KD(tail_mode="lowrank"), TRAIN,
-                                tail_model=CachedTailModel(tail_code_basis=basis))
-    out = module(**batch, beta=torch.tensor(0.5))
-    with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"],
-                         attention_mask=batch["attention_mask"]).logits.double()
-    want = []
-    for b in range(4):
-        log_q = logits[b][batch["loss_mask"][b]].log_softmax(-1)
-        log_p = torch.from_numpy(cache.dense_logprobs(b, "lowrank")).double()
+        log_p = torch.from_numpy(cache.dense_logprobs(b, mode)).double()
         fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
         rkl = (log_q.exp() * (log_q - log_p)).sum(-1)
-        want.append((0.5 * fkl + 0.5 * rkl).mean())
+        want.append(((1 - beta) * fkl + beta * rkl).mean())
     assert out.loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
 
-    metrics = train_experiment(code_cache, student_path, KD(tail_mode="lowrank"), TRAIN,
-                               tmp_path / "lowrank", "x")
+    metrics = train_experiment(location, student_path, KD(tail_mode=mode), TRAIN,
+                               tmp_path / mode, "x")
     assert metrics["steps"] == TRAIN.max_steps
-    with pytest.raises(CacheError, match="needs a tail code, and this cache has none"):
-        run(cache_and_student, tmp_path / "none", KD(tail_mode="lowrank"))
+    with pytest.raises(CacheError, match="this cache has none"):
+        run(cache_and_student, tmp_path / "none", KD(tail_mode=mode))

@@ -69,24 +69,19 @@ def dense_logprobs(
         raise ValueError("log_tail_shape is needed by the 'shape' tail mode and by no other")
     if (tail_mode == "lowrank") != (tail_code is not None):
         raise ValueError("tail_code is needed by the 'lowrank' tail mode and by no other")
-    if tail_mode == "lowrank":
-        z, code = tail_code
-        logits = code.bias.astype(np.float64) + z.astype(np.float64) @ code.basis.T.astype(
-            np.float64)
-        np.put_along_axis(logits, topk_ids, -np.inf, axis=1)
-        peak = logits.max(axis=1, keepdims=True)
-        log_norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
-        dense = tail_logmass.astype(np.float64)[:, None] + logits - log_norm
-        np.put_along_axis(dense, topk_ids, topk_logprobs.astype(np.float64), axis=1)
-        return dense.astype(np.float32)
-    if tail_mode == "shape":
-        log_s = log_tail_shape.astype(np.float64)
-        outside = np.ones((n, vocab_size), dtype=bool)
-        np.put_along_axis(outside, topk_ids, False, axis=1)
-        peak = log_s.max()
-        with np.errstate(divide="ignore"):
-            log_w_out = peak + np.log(np.where(outside, np.exp(log_s - peak), 0.0).sum(axis=1))
-        dense = tail_logmass.astype(np.float64)[:, None] - log_w_out[:, None] + log_s[None, :]
+    if tail_mode in ("shape", "lowrank"):
+        # both give every row's tail ids log-weights, normalised over the ids outside its top-k
+        if tail_mode == "shape":
+            weights = np.repeat(log_tail_shape.astype(np.float64)[None, :], n, axis=0)
+        else:
+            z, code = tail_code
+            weights = code.bias.astype(np.float64) + z.astype(np.float64) @ code.basis.T.astype(
+                np.float64)
+        np.put_along_axis(weights, topk_ids, -np.inf, axis=1)
+        peak = weights.max(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # k = V: no tail ids; the top-k overwrites all
+            log_norm = peak + np.log(np.exp(weights - peak).sum(axis=1, keepdims=True))
+            dense = tail_logmass.astype(np.float64)[:, None] + weights - log_norm
         np.put_along_axis(dense, topk_ids, topk_logprobs.astype(np.float64), axis=1)
         return dense.astype(np.float32)
     if tail_mode == "uniform":

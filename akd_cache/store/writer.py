@@ -249,6 +249,10 @@ def write_shard(
     codes = np.zeros((plan.shard_rows, k), dtype=np.uint8)
     tail = np.zeros(plan.shard_rows, dtype=np.float32)
     target = np.zeros(plan.shard_rows, dtype=np.float32)
+    coded = fmt.TAIL_CODE_ROWS in group
+    if coded:
+        tail_code = np.zeros((plan.shard_rows, group[fmt.TAIL_CODE_ROWS].shape[1]),
+                             dtype=fmt.TAIL_CODE_DTYPE)
     base = shard * plan.shard_rows
     for sample, r in zip(plan.samples_in(shard), rows):
         enc = fmt.encode_rows(r.topk_ids, r.topk_logprobs, r.tail_logmass, r.target_logprob,
@@ -258,15 +262,12 @@ def write_shard(
         ids[lo:hi], codes[lo:hi], tail[lo:hi], target[lo:hi] = (
             enc.ids, enc.codes, enc.tail_logmass, enc.target_logprob
         )
+        if coded:
+            tail_code[lo:hi] = r.tail_code
     window = slice(base, base + plan.shard_rows)
     for path, values in zip(fmt.ROW_ARRAYS, (ids, codes, tail, target)):
         fmt.writable(group, path)[window] = values
-    if fmt.TAIL_CODE_ROWS in group:
-        tail_code = np.zeros((plan.shard_rows, group[fmt.TAIL_CODE_ROWS].shape[1]),
-                             dtype=fmt.TAIL_CODE_DTYPE)
-        for sample, r in zip(plan.samples_in(shard), rows):
-            lo = plan.row_start[sample] - base
-            tail_code[lo : lo + len(r)] = r.tail_code
+    if coded:
         fmt.writable(group, fmt.TAIL_CODE_ROWS)[window] = tail_code
     fmt.writable(group, "shard_done")[shard] = 1
 
