@@ -85,7 +85,7 @@ class CacheConfig(Strict):
     )
     tail_rank: int = Field(
         0, ge=0, description="also store each row's final hidden state in this many dimensions "
-        "(int16, the principal directions of the logits), for train.tail_mode 'lowrank'; "
+        "(int16, fitted to the tails' KL on the calibration rows), for train.tail_mode 'lowrank'; "
         "0: none; needs the hf backend",
     )
 

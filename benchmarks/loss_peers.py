@@ -26,6 +26,10 @@ does not load is skipped with the reason printed.
   (TRL's default), compiled=False. It takes a live teacher (hidden states + lm head), so it is
   compared with our `fused_live_divergence_loss` on the same random teacher as well.
 
+Also timed: the lm head's three products alone (the logits, and both gradients through them,
+chunk by chunk, with a loss that is one elementwise pass over the logits): the time below which
+no lm-head loss can go. Its memory is not a loss's and is not compared.
+
     python benchmarks/loss_peers.py --chunk-sizes 1024 512 256
 """
 
@@ -63,6 +67,8 @@ DEFAULT_PEERS_SITE = "/work/peers-site"
 TORCHTUNE_CHUNKS = 8  # ForwardKLWithChunkedOutputLoss's default
 PEER_CHUNK = 1024  # the Liger losses' default chunk size
 JSD_BETA = 0.5  # TRL GKD's default
+FLOOR_CHUNK = 1024
+FLOOR = "floor"
 
 
 def load_by_path(site: str, module: str) -> types.ModuleType:
@@ -88,6 +94,7 @@ def teacher_inputs(x: dict[str, torch.Tensor], args: argparse.Namespace) -> None
     x["t_hidden"] = torch.randn(n, args.hidden, generator=gen)
     x["t_weight"] = torch.randn(args.vocab, args.hidden, generator=gen).mul_(0.05)
     x["labels"] = torch.randint(args.vocab, (args.batch, args.seq), generator=gen)
+    x["floor_grad"] = torch.randn(FLOOR_CHUNK, args.vocab, generator=gen)
 
 
 def axolotl_topk(site: str) -> Callable:
@@ -165,6 +172,14 @@ def fused_live(chunk_size: int) -> Callable:
     return run
 
 
+def matmul_floor(x: dict, args: argparse.Namespace) -> torch.Tensor:
+    total = x["hidden"].new_zeros(())
+    for start in range(0, len(x["hidden"]), FLOOR_CHUNK):
+        logits = x["hidden"][start : start + FLOOR_CHUNK] @ x["weight"].T
+        total = total + (logits * x["floor_grad"][: len(logits)]).sum()
+    return total
+
+
 PEERS: dict[str, tuple[str, Callable[[str], Callable]]] = {
     "axolotl": ("axolotl top-k KD (materialised logits)", axolotl_topk),
     "axolotl_liger": (f"axolotl top-k KD, Liger chunked (chunk {PEER_CHUNK})", axolotl_liger),
@@ -181,6 +196,8 @@ def method(name: str, args: argparse.Namespace) -> Callable:
         return lambda x: step(variant, int(chunk), args.mode, x)
     if name.startswith("fused_live:"):
         body = fused_live(int(name.split(":")[1]))
+    elif name == FLOOR:
+        body = matmul_floor
     else:
         body = PEERS[name][1](args.peers_site)
 
@@ -243,6 +260,8 @@ def label(name: str) -> str:
         return f"fused_divergence_loss, chunk {name.split(':')[1]}"
     if name.startswith("fused_live:"):
         return f"fused_live_divergence_loss (live teacher), chunk {name.split(':')[1]}"
+    if name == FLOOR:
+        return f"the lm head's three products alone (time floor), chunk {FLOOR_CHUNK}"
     return PEERS[name][0]
 
 
@@ -282,7 +301,7 @@ def main() -> None:
         except RuntimeError as err:
             print(f"skipped {name}: {err}")
             methods.remove(name)
-    times = run_child(args, "time", methods)
+    times = run_child(args, "time", [*methods, FLOOR])
     print(f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
           f"torch {torch.__version__}; N = {args.batch * args.seq}, V = {args.vocab}, "
           f"H = {args.hidden}, k = {args.k}, tail mode {args.mode}, best of {args.repeats}")
@@ -294,6 +313,8 @@ def main() -> None:
         print(f"| {label(name)} | {mem['peak_mib']:.0f} | {mem['peak_mib'] / base_mem:.2f} "
               f"| {times[name]:.2f} | {times[name] / base_time:.2f} | {mem['loss']:.6g} "
               f"| {mem['baseline_slack_mib']:.0f} |")
+    print(f"| {label(FLOOR)} | - | - | {times[FLOOR]:.2f} | {times[FLOOR] / base_time:.2f} | - "
+          "| - |")
 
 
 if __name__ == "__main__":

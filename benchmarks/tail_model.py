@@ -1,13 +1,14 @@
 """The cache's distribution against the full teacher, per tail model: uniform, the mean tail
-shape (format 3) and the per-row tail code (format 4, `cache.tail_rank`), with the bytes each
+shape (format 3) and the per-row tail code (format 4 on, `cache.tail_rank`), with the bytes each
 stores, on the real SmolLM2 teacher and CodeAlpaca.
 
     python benchmarks/tail_model.py --samples 300
 
-One teacher pass (the hf backend, float32, CPU) at k = V with a rank-`max(RANKS)` tail code
-(rounded to a step of 1) gives every row's full distribution and its code; the principal
-directions are nested, so the first r columns, rounded to the format's step for rank r
-(`format.tail_code_step`, or a multiple of it), are the rank-r code the format stores. For
+Each rank's tail code is fitted as Stage 1 fits it (`teacher.tail_code_fit`, at k = 64 on the
+calibration rows). One teacher pass (the hf backend, float32, CPU) at k = V with all the codes
+side by side (rounded to a step of 1) gives every row's full distribution and its codes;
+rounded to the format's step for rank r (`format.tail_code_step`, or a multiple of it), they
+are the rank-r codes the format stores. For
 every k and tail model the row goes through the format as Stage 2 reads it:
 `format.encode_rows` / `decode_ids` / `decode_logprobs` for the top-k, then
 `reader.dense_logprobs` for the tail; the table is the
@@ -19,7 +20,6 @@ chunks of `format.INNER_CHUNK_ROWS` rows (numcodecs' Blosc with the same setting
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ DATASET = REPO.parent / "shared" / "data" / "codealpaca" / "code_alpaca_2k.json"
 TEACHER = REPO / "storage" / "models" / "smollm2-135m-instruct"
 KS = (64, 96)
 RANKS = (32, 48, 64)
-STEPS = (0.5, 1, 2)  # multiples of the format's step
+STEPS = (1, 2)  # multiples of the format's step
 SCORE_SAMPLES = 16
 ID_BLOSC = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
 BLOSC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
@@ -70,8 +70,16 @@ def main() -> None:
     full = HFTeacher(str(args.teacher), k=vocab, batch_tokens=2048)
     calibration = calibration_samples(samples)
     n_cal = sum(s.n_loss_rows for s in calibration)
-    code = full.fit_tail_code(calibration, max(RANKS))
-    full.use_tail_code(replace(code, step=np.ones(1, dtype=np.float32)))
+    codes = {}
+    for rank in tqdm(RANKS, desc="tail code fits", unit="rank"):
+        codes[rank] = HFTeacher(full.model, k=KS[0]).fit_tail_code(calibration, rank)
+    columns = dict(zip(RANKS, np.split(np.arange(sum(RANKS)), np.cumsum(RANKS)[:-1])))
+    base = codes[RANKS[0]].mean
+    offsets = np.concatenate([(base - codes[r].mean) @ codes[r].encoder for r in RANKS])
+    full.use_tail_code(fmt.TailCode(  # every rank's z side by side, at step 1 (basis unused)
+        encoder=np.concatenate([codes[r].encoder for r in RANKS], axis=1), mean=base,
+        basis=np.zeros((vocab, sum(RANKS)), np.float32), bias=np.zeros(vocab, np.float32),
+        step=np.ones(1, dtype=np.float32)))
     steps = {(r, s): float(s * fmt.tail_code_step(vocab, r)[0]) for r in RANKS for s in STEPS}
     shapes = {k: fmt.log_tail_shape(HFTeacher(full.model, k=k).mean_tail(calibration))
               for k in KS}
@@ -103,7 +111,7 @@ def main() -> None:
             ids, lp = rows.topk_ids[held], rows.topk_logprobs[held].astype(np.float64)
             exact = np.empty_like(lp)
             np.put_along_axis(exact, ids, lp, axis=1)
-            z = rows.tail_code[held].astype(np.float32)
+            z = rows.tail_code[held].astype(np.float32) + offsets
             for k in KS:
                 rank_of, vocab_order = order[k]
                 tail = exact_tail(rows.topk_logprobs[held], k)
@@ -117,16 +125,14 @@ def main() -> None:
                         dense = dense_logprobs(top_ids, top_lp, tail, vocab, "shape", shapes[k])
                     else:
                         rank, step = m[0], steps[m]
-                        part = replace(code, encoder=code.encoder[:, :rank],
-                                       basis=code.basis[:, :rank])
-                        coarse = np.rint(z[:, :rank] / step) * step
+                        coarse = np.rint(z[:, columns[rank]] / step) * step
                         dense = dense_logprobs(top_ids, top_lp, tail, vocab, "lowrank",
-                                               tail_code=(coarse, part))
+                                               tail_code=(coarse, codes[rank]))
                     kl[(k, m)].append((np.exp(exact) * (exact - dense)).sum(1))
 
     n = sum(len(t) for t in stored["target"])
     ids, lp = np.concatenate(stored["ids"]), np.concatenate(stored["lp"])
-    codes = np.concatenate(stored["tail_code"])
+    z_all = np.concatenate(stored["tail_code"]) + offsets
     print(f"\nheld-out rows: {len(np.concatenate(kl[(KS[0], 'uniform')]))} of {n}\n")
     print("| k | tail model | B/token top-k | B/token tail code | B/token total | "
           "KL vs full teacher, nat/token |")
@@ -144,7 +150,7 @@ def main() -> None:
                 code_b, name = 0.0, m
             else:
                 rank, step = m[0], steps[m]
-                coarse = np.rint(codes[:, :rank] / step).astype(fmt.TAIL_CODE_DTYPE)
+                coarse = np.rint(z_all[:, columns[rank]] / step).astype(fmt.TAIL_CODE_DTYPE)
                 code_b = compressed_bytes(coarse, BLOSC) / n
                 name = (f"code r={rank}, step {step:.1f}"
                         + (" (the format's)" if m[1] == 1 else ""))

@@ -306,15 +306,16 @@ def test_key_changes_with_every_ingredient(setup):
     changes = {"teacher_weights_sha256": "x", "tokenizer_sha256": "x", "dataset_sha256": "x",
                "template": "starcoder", "max_length": 256, "k": 8, "temperature": 2.0,
                "truncation": "drop", "heldout": 5, "teacher_revision": "abc",
-               "tail_shape": True, "tail_rank": 8}
+               "tail_shape": True, "tail_rank": 8, "tail_code_fit": 1}
     keys = {replace(base, **{name: value}).key() for name, value in changes.items()}
     assert len(keys | {base.key()}) == len(changes) + 1
 
 
 def test_key_of_fixed_ingredients_is_stable():
     """A key that moves orphans every existing cache, so the hashing is pinned. (Format 2 added
-    checksums, format 3 the tail shape and format 4 the tail code: their caches get new keys by
-    design, and the pin was moved with each, from c34ec87d2ed70a670211 at format 1.)"""
+    checksums, format 3 the tail shape, format 4 the tail code and format 5 the tail code's fit:
+    their caches get new keys by design, and the pin was moved with each, from
+    c34ec87d2ed70a670211 at format 1.)"""
     ingredients = CacheIngredients(
         teacher="embedded:smollm2", teacher_revision=None, teacher_weights_sha256="a" * 64,
         teacher_dtype="float32", tokenizer_sha256="b" * 64, dataset_sha256="c" * 64,
@@ -322,8 +323,8 @@ def test_key_of_fixed_ingredients_is_stable():
         template="alpaca_original", max_length=512, truncation="truncate_response", k=64,
         temperature=1.0, tail_shape=False,
     )
-    assert ingredients.format_version == 4
-    assert ingredients.key() == "5cdcd04f59a3fc8feb53"
+    assert ingredients.format_version == 5
+    assert ingredients.key() == "391de1d0f9b941b77163"
 
 
 def test_store_imports_no_higher_package():
@@ -584,6 +585,44 @@ def test_tail_code_rebuilds_the_teachers_logits_and_loses_less_with_each_rank(se
         setup["teacher"].fit_tail_code(calibration, TINY_HIDDEN + 1)
 
 
+def tail_kl(logits: torch.Tensor, rebuilt: torch.Tensor, k: int) -> float:
+    """Mean over rows of the teacher's tail mass times KL(its tail || softmax of the rebuilt
+    logits over the same ids), float64: what the tail code costs a row."""
+    log_p = logits.log_softmax(-1)
+    top = log_p.topk(k, dim=-1).indices
+    tail = log_p.scatter(-1, top, float("-inf"))
+    log_q = rebuilt.scatter(-1, top, float("-inf")).log_softmax(-1)
+    tail_norm = tail - tail.logsumexp(-1, keepdim=True)
+    terms = tail.exp() * (tail_norm - log_q)
+    return torch.where(tail.isfinite(), terms, 0.0).sum(-1).mean().item()
+
+
+# the random tiny teacher's logits have an RMS of 1.6: at this temperature 5.4, and its top 16
+# hold about 98 % of the mass, as a trained model's top-k do
+SHARP_TEMPERATURE = 0.3
+
+
+def test_tail_code_is_fitted_to_the_tails_kl_not_the_logits(setup):
+    """At the same rank the stored code's tails are closer to the teacher's than those of the
+    plain principal directions of the logits (an SVD of the [rows, V] logits themselves), which
+    are what a least-squares fit of the logits would keep."""
+    model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    calibration = calibration_samples(setup["samples"])
+    rows = [final_hidden_and_logits(model, s) for s in calibration]
+    hidden = torch.cat([h for h, _ in rows])
+    logits = torch.cat([lg for _, lg in rows]) / SHARP_TEMPERATURE
+    rank = 8
+    teacher = HFTeacher(setup["model"], k=K, temperature=SHARP_TEMPERATURE)
+    code = teacher.fit_tail_code(calibration, rank)
+    mean, encoder, basis, bias = (torch.from_numpy(a).double() for a in
+                                  (code.mean, code.encoder, code.basis, code.bias))
+    fitted = tail_kl(logits, bias + (hidden - mean) @ encoder @ basis.T, K)
+    centre = logits.mean(0)
+    _, _, vt = torch.linalg.svd(logits - centre, full_matrices=False)
+    plain = tail_kl(logits, centre + (logits - centre) @ vt[:rank].T @ vt[:rank], K)
+    assert fitted < 0.8 * plain, (fitted, plain)
+
+
 def test_inspect_names_the_tail_code(code_cache, reference_cache):
     assert "tail code of rank 64 stored" in describe(TeacherCache(str(code_cache)), [])
     assert "tail code" not in describe(TeacherCache(str(reference_cache)), [])
@@ -653,16 +692,16 @@ def test_a_damaged_tail_code_shard_is_recomputed_and_a_damaged_basis_refused(
 
 def test_a_cache_of_an_older_format_is_refused_by_its_version_not_called_damage(
         reference_cache, tmp_path):
-    """A format-3 cache has no `tail_rank` ingredient: the reader names the format, with what to
-    do, instead of reporting the missing ingredient as damage."""
+    """A format-4 cache has no `tail_code_fit` ingredient: the reader names the format, with what
+    to do, instead of reporting the missing ingredient as damage."""
     location = tmp_path / "cache"
     shutil.copytree(reference_cache, location)
     group = zarr.open_group(str(location), mode="r+")
     attrs = dict(group.attrs[fmt.ATTRS])
     ingredients = {name: value for name, value in attrs["ingredients"].items()
-                   if name != "tail_rank"}
-    attrs["ingredients"] = {**ingredients, "format_version": 3}
+                   if name != "tail_code_fit"}
+    attrs["ingredients"] = {**ingredients, "format_version": 4}
     group.attrs[fmt.ATTRS] = attrs
-    with pytest.raises(CacheError, match="a format-3 cache; this akd reads format 4: run "
+    with pytest.raises(CacheError, match="a format-4 cache; this akd reads format 5: run "
                                          "`akd cache-teacher` to build it anew"):
         TeacherCache(str(location))

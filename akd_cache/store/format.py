@@ -42,11 +42,12 @@ instead of evenly brings the cache's distribution closer to the full teacher: 0.
 
 The tail code goes further, per row: the teacher's tail logits are W h (W its lm head, h the
 final hidden state), so r numbers per row that keep most of W h's variance rebuild them well.
-z = (h - mean) @ encoder, and the tail logits are bias + basis @ z, with the encoder and basis
-the top r principal directions of W (h - mean) over the calibration rows (`TailCode`). Stage 2's
+z = (h - mean) @ encoder, and the tail logits are bias + basis @ z (`TailCode`; the basis has
+orthonormal columns, so that one step in z moves the logits by a known amount), with the encoder
+and basis fitted to the tails' KL on the calibration rows (`teacher.tail_code_fit`). Stage 2's
 `lowrank` tail mode spreads each row's exact tail mass as softmax(bias + basis @ z) over the ids
-outside its top-k: 0.022 nat/token at k = 64 and r = 64 for 135 B/token, against 0.064 (uniform)
-and 0.041 (shape) for 90 B/token with SmolLM2 (docs/benchmarks.md).
+outside its top-k: 0.017 nat/token at k = 64 and r = 48 for 123 B/token, against 0.064
+(uniform) and 0.041 (shape) for 90 B/token with SmolLM2 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ from akd_cache.errors import DamageError
 
 # 2: a crc32c on every chunk (4 B each, < 0.01 B per row at the default shard and chunk sizes),
 # every chunk written even when empty. 3: the optional `tail_shape`. 4: the optional tail code.
-# The key hashes this, so caches of older formats are not reused.
-FORMAT_VERSION = 4
+# 5: the `tail_code_fit` ingredient. The key hashes this, so caches of older formats are not
+# reused.
+FORMAT_VERSION = 5
 ATTRS = "akd_cache"
 CODE_MAX = 100  # 7.7e-4 nat mean KL with SmolLM2, k = 64 (docs/benchmarks.md)
 CALIBRATION_ROWS = 4096
@@ -100,6 +102,9 @@ TAIL_CODE_PARTS = ("encoder", "mean", "basis", "bias", "step")
 # coordinate to ~5 at rank 64), and steps from 8 to 32 move the KL from the full teacher by
 # < 0.001 nat/token while the code's bytes fall from 52 to 37 B/token (docs/benchmarks.md)
 TAIL_CODE_LOGIT_RMS = 0.15
+# which fit made a cache's tail code, an ingredient of its key: 2, fitted to the tails' KL
+# (`teacher.tail_code_fit`; 1, in format 4, was the plain principal directions of the logits)
+TAIL_CODE_FIT = 2
 TAIL_CODE_DTYPE = np.int16
 ROW_ARRAYS = ("rows/ids", "rows/codes", "rows/tail_logmass", "rows/target_logprob")
 SAMPLE_TABLES = ("row_start", "n_rows", "seq_start", "seq_len", "prompt_len")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from akd_cache.store.format import CODE_MAX, FORMAT_VERSION
+from akd_cache.store.format import CODE_MAX, FORMAT_VERSION, TAIL_CODE_FIT
 from akd_cache.store.rows import TokenizedSample
 
 KEY_HEX_CHARS = 20
@@ -41,6 +41,7 @@ class CacheIngredients:
     temperature: float
     tail_shape: bool
     tail_rank: int = 0
+    tail_code_fit: int = TAIL_CODE_FIT
     value_code_max: int = CODE_MAX
     format_version: int = FORMAT_VERSION
 

@@ -61,8 +61,8 @@ class TailCodeBackend(Protocol):
     """A backend that sees the teacher's final hidden states, so it can code them per row."""
 
     def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
-        """The r-dimensional code that keeps the most of the tail logits' variance over the
-        samples' loss rows (`store.format.TailCode`)."""
+        """The r-dimensional code whose rebuilt tails lose the least KL over the samples' loss
+        rows (`store.format.TailCode`)."""
         ...
 
     def use_tail_code(self, code: TailCode | None) -> None:

@@ -46,8 +46,8 @@ TAIL_MODES: tuple[TailMode, ...] = get_args(TailMode)
   docs/benchmarks.md). Full-vocabulary KL from [n, V] x [V] products, no [N, V] teacher tensor.
 - ``lowrank``: the teacher tail is spread over the row's other ids as softmax(bias + basis z)
   there, z the row's r-dimensional code of the teacher's hidden state and basis [V, r], bias [V]
-  stored once per cache (`store.format.TailCode`): a tail that follows the context (0.022
-  nat/token from the full teacher at k = 64, r = 64, against 0.064 uniform and 0.041 shape,
+  stored once per cache (`store.format.TailCode`): a tail that follows the context (0.017
+  nat/token from the full teacher at k = 64, r = 48, against 0.064 uniform and 0.041 shape,
   docs/benchmarks.md). Each chunk's teacher is built dense, [c, V], and FKL and RKL are exact
   over it, as with a live teacher.
 """

@@ -18,12 +18,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from akd_cache.errors import ModelError
 from akd_cache.store import format as fmt
 from akd_cache.store.rows import TeacherRows, TokenizedSample
+from akd_cache.teacher.tail_code_fit import fit_tail_code
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
 FLOAT32_BYTES = 4
-# W^T W's eigenvalues are floored at this fraction of the largest before the square root: a
-# direction the lm head cannot see moves no logit, and must not blow up the inverse root
-GRAM_EIGEN_FLOOR = 1e-10
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -99,38 +97,28 @@ class HFTeacher:
                 rows += len(logits)
         return (total / rows).numpy()
 
-    @torch.inference_mode()
     def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> fmt.TailCode:
-        """`store.rows.TailCodeBackend`: principal directions of the logits W (h - mean) over the
-        samples' loss rows (W scaled to the cache's temperature), found as those of
-        G^(1/2) (h - mean) with G = W^T W, so that only [H, H] matrices are decomposed."""
-        head = self.model.get_output_embeddings()
-        hidden_size = head.weight.shape[1]
+        """`store.rows.TailCodeBackend`: fitted to the lm head at the cache's temperature on the
+        samples' loss rows (`teacher.tail_code_fit`)."""
+        hidden_size = self.model.get_output_embeddings().weight.shape[1]
         if not 0 < rank <= hidden_size:
             raise ModelError(f"tail_rank {rank} is not in [1, {hidden_size}], the teacher's "
                              "hidden size")
+        if self.k >= self.vocab_size:
+            raise ModelError(f"k = {self.k} covers the whole vocabulary: there is no tail to code")
         lengths = [len(s.input_ids) for s in samples]
-        rows = torch.cat([self._row_hidden([samples[i] for i in batch])[0].double().cpu()
-                          for batch in length_buckets(lengths, self.batch_tokens)])
+        with torch.inference_mode():
+            rows = torch.cat([self._row_hidden([samples[i] for i in batch])[0].float()
+                              for batch in length_buckets(lengths, self.batch_tokens)])
         if len(rows) < rank:
             raise ModelError(f"tail_rank {rank} needs at least as many calibration rows, and "
                              f"there are {len(rows)}")
-        weight = head.weight.detach().double().cpu() * (self.logit_scale / self.temperature)
-        mean = rows.mean(0)
-        evals, evecs = torch.linalg.eigh(weight.T @ weight)
-        evals = evals.clamp_min(evals.max() * GRAM_EIGEN_FLOOR)
-        root = evecs @ torch.diag(evals.sqrt()) @ evecs.T
-        inv_root = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
-        _, _, vt = torch.linalg.svd((rows - mean) @ root, full_matrices=False)
-        directions = vt[:rank].T
-        bias = weight @ mean
-        if head.bias is not None:
-            bias += head.bias.detach().double().cpu() * (self.logit_scale / self.temperature)
-        return fmt.TailCode(
-            encoder=(root @ directions).float().numpy(), mean=mean.float().numpy(),
-            basis=(weight @ inv_root @ directions).float().numpy(), bias=bias.float().numpy(),
-            step=fmt.tail_code_step(len(weight), rank),
-        )
+        head = self.model.get_output_embeddings()
+        scale = self.logit_scale / self.temperature
+        bias = None if head.bias is None else head.bias.detach().float() * scale
+        # a clone outside inference mode: the fit differentiates through products with the rows
+        return fit_tail_code(rows.clone(), head.weight.detach().float() * scale, bias, self.k,
+                             rank)
 
     def use_tail_code(self, code: fmt.TailCode | None) -> None:
         self.tail_code = code
