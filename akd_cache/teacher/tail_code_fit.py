@@ -92,13 +92,17 @@ class _LmHead:
         return torch.cat(rows), ids / len(hidden)
 
     @torch.no_grad()
-    def cross_entropy(self, hidden: torch.Tensor, factors: _Factors) -> float:
-        total = 0.0
+    def cross_entropies(self, hidden: torch.Tensor, candidates: list[_Factors]) -> list[float]:
+        """Each candidate's tails' cross-entropy over all the rows, the teacher's tails computed
+        once per batch for all of them."""
+        on_rows = [factors.to(hidden) for factors in candidates]
+        totals = [0.0] * len(candidates)
         for part in self.batches(len(hidden)):
             tail_p, top = _tail(self.logits(hidden[part]), self.k)
-            rebuilt = self.logits(factors.rebuilt_hidden(hidden[part]))
-            total += _tail_cross_entropy(tail_p, top, rebuilt).item()
-        return total
+            for i, factors in enumerate(on_rows):
+                rebuilt = self.logits(factors.rebuilt_hidden(hidden[part]))
+                totals[i] += _tail_cross_entropy(tail_p, top, rebuilt).item()
+        return totals
 
 
 def _weighted_principal(hidden: torch.Tensor, weight: torch.Tensor, row_mass: torch.Tensor,
@@ -155,8 +159,8 @@ def fit_tail_code(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     factors = _weighted_principal(hidden, weight, row_mass, id_mass, rank)
     if rank < hidden.shape[1]:  # at full rank the principal code is already exact
         refined = _refine(hidden, head, factors)
-        if head.cross_entropy(hidden, refined.to(hidden)) < head.cross_entropy(
-                hidden, factors.to(hidden)):
+        principal_loss, refined_loss = head.cross_entropies(hidden, [factors, refined])
+        if refined_loss < principal_loss:
             factors = refined
     return _as_tail_code(factors, weight.double().cpu(),
                          None if bias is None else bias.double().cpu())
