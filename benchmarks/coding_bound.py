@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numcodecs import Blosc
+from probes import BLOSC, ID_BLOSC, compressed_bytes, rank_columns, side_by_side
 from tqdm import tqdm
 
 from akd_cache.config import CacheConfig, DataConfig
@@ -54,14 +54,7 @@ SMOOTHING = 0.5  # add-half counts for the Bernoulli probabilities fitted here
 HISTORY = ("in the previous set", "in an earlier set", "not yet")
 POOLED_PRIOR = 2.0  # an id's probability of staying, shrunk towards all ids' by this many rows
 RANKING_ROWS = 512  # rows ranked at once (each ranking is [rows, V] int64)
-ID_BLOSC = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
-BLOSC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
 BITS = 8
-
-
-def compressed_bytes(array: np.ndarray, codec: Blosc) -> int:
-    return sum(len(codec.encode(np.ascontiguousarray(array[start : start + fmt.INNER_CHUNK_ROWS])))
-               for start in range(0, len(array), fmt.INNER_CHUNK_ROWS))
 
 
 def bernoulli_bits(members: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -173,12 +166,8 @@ def teacher_pass(samples: list, teacher_dir: Path, ranks: list[int], vocab: int
     calibration = calibration_samples(samples)
     codes = {rank: teacher.fit_tail_code(calibration, rank)
              for rank in tqdm(ranks, desc="tail code fits", unit="rank")}
-    base = codes[ranks[0]].mean
-    offsets = np.concatenate([(base - codes[r].mean) @ codes[r].encoder for r in ranks])
-    teacher.use_tail_code(fmt.TailCode(  # every rank's z side by side, at step 1 (basis unused)
-        encoder=np.concatenate([codes[r].encoder for r in ranks], axis=1), mean=base,
-        basis=np.zeros((vocab, sum(ranks)), np.float32), bias=np.zeros(vocab, np.float32),
-        step=np.ones(1, dtype=np.float32)))
+    combined, offsets = side_by_side(codes, vocab)
+    teacher.use_tail_code(combined)
     parts: dict[str, list[np.ndarray]] = {"ids": [], "lp": [], "tail": [], "target": [],
                                           "z": [], "start": []}
     for start in tqdm(range(0, len(samples), SCORE_SAMPLES), desc="teacher", unit="batch"):
@@ -217,8 +206,7 @@ def main() -> None:
             np.savez(args.stats, **stats)
     ids, lp, tail, target, z, starts = (
         stats[name] for name in ("ids", "lp", "tail", "target", "z", "start"))
-    columns = dict(zip(args.ranks, np.split(np.arange(sum(args.ranks)),
-                                          np.cumsum(args.ranks)[:-1])))
+    columns = rank_columns(args.ranks)
     held = slice(n_cal, None)
     n_held = len(ids) - n_cal
     tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])

@@ -23,7 +23,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from numcodecs import Blosc
+from probes import BLOSC, ID_BLOSC, compressed_bytes, rank_columns, side_by_side
 from tqdm import tqdm
 
 from akd_cache.config import CacheConfig, DataConfig
@@ -42,13 +42,6 @@ KS = (64, 96)
 RANKS = (32, 48, 64)
 STEPS = (1, 2)  # multiples of the format's step
 SCORE_SAMPLES = 16
-ID_BLOSC = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
-BLOSC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
-
-
-def compressed_bytes(array: np.ndarray, codec: Blosc) -> int:
-    return sum(len(codec.encode(np.ascontiguousarray(array[start : start + fmt.INNER_CHUNK_ROWS])))
-               for start in range(0, len(array), fmt.INNER_CHUNK_ROWS))
 
 
 def exact_tail(sorted_lp: np.ndarray, k: int) -> np.ndarray:
@@ -73,13 +66,9 @@ def main() -> None:
     codes = {}
     for rank in tqdm(RANKS, desc="tail code fits", unit="rank"):
         codes[rank] = HFTeacher(full.model, k=KS[0]).fit_tail_code(calibration, rank)
-    columns = dict(zip(RANKS, np.split(np.arange(sum(RANKS)), np.cumsum(RANKS)[:-1])))
-    base = codes[RANKS[0]].mean
-    offsets = np.concatenate([(base - codes[r].mean) @ codes[r].encoder for r in RANKS])
-    full.use_tail_code(fmt.TailCode(  # every rank's z side by side, at step 1 (basis unused)
-        encoder=np.concatenate([codes[r].encoder for r in RANKS], axis=1), mean=base,
-        basis=np.zeros((vocab, sum(RANKS)), np.float32), bias=np.zeros(vocab, np.float32),
-        step=np.ones(1, dtype=np.float32)))
+    combined, offsets = side_by_side(codes, vocab)
+    columns = rank_columns(list(RANKS))
+    full.use_tail_code(combined)
     steps = {(r, s): float(s * fmt.tail_code_step(vocab, r)[0]) for r in RANKS for s in STEPS}
     shapes = {k: fmt.log_tail_shape(HFTeacher(full.model, k=k).mean_tail(calibration))
               for k in KS}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numcodecs import Blosc
+from probes import BLOSC, ID_BLOSC, compressed_bytes
 
 from akd_cache.config import CacheConfig, DataConfig
 from akd_cache.data.instructions import prepare
@@ -47,8 +47,6 @@ SHAPE_KS = (64, 96, 128)  # tail shapes: mean distribution outside the top-k
 SHAPE_UNIFORM_MIX = 0.01  # weight of the uniform component in a tail shape
 SCORE_SAMPLES = 32  # samples per teacher call (progress is printed after each)
 CHECK_ROWS = 64  # rows cross-checked against reader.dense_logprobs
-ID_BLOSC = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
-BLOSC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE, blocksize=fmt.BLOSC_BLOCK_BYTES)
 SHAPE_BYTES_PER_ID = 2  # float16
 
 
@@ -158,11 +156,6 @@ def subset_kl(stats: dict, member: np.ndarray, stored_lp: np.ndarray, vocab: int
     z = s.sum() - np.where(member, s[stats["ids"]], 0.0).sum(1)
     out_plogs = np.where(member, 0.0, p * log_s).sum(1) + rest_plogs
     return head + out_plogp - tail_mass * (np.log(tail_mass) - np.log(z)) - out_plogs
-
-
-def compressed_bytes(array: np.ndarray, codec: Blosc) -> int:
-    return sum(len(codec.encode(np.ascontiguousarray(array[start : start + fmt.INNER_CHUNK_ROWS])))
-               for start in range(0, len(array), fmt.INNER_CHUNK_ROWS))
 
 
 @dataclass
