@@ -12,7 +12,8 @@ the calibration rows only:
 - ids, **today's format**: renumbered by calibration frequency, sorted, delta-coded, Blosc-zstd
   (the compressed bytes, not a bound);
 - ids, **per-id frequency**: each id in the row's set with its own calibration probability,
-  independently (the bound for any coder without context: the order the format sorts by);
+  independently (the ideal coder of each id alone, without context: the order the format
+  sorts by);
 - ids, **the sample's earlier sets**: each id's probability given where it was last seen in
   the sample: in the previous position's set (on average 12 of its 64 ids are), in an earlier
   one, or not yet, per id;
@@ -20,8 +21,9 @@ the calibration rows only:
   `teacher.tail_code_fit`) predicts the logits; each id is coded by its place in that ranking
   (probability by place, in log-spaced bins); the code's own bytes are added;
 - values: the format's sqrt(p) code at L levels: the coding-alone KL after the format's
-  renormalisation, and the code's entropy given the entry's rank in the row (a bound below any
-  coder of the values that is not also told the teacher's state).
+  renormalisation, and the codes' bytes (Blosc-zstd) and order-0 entropy in the format's order
+  (by renumbered id) and in probability order, the cheaper one, which the ids would have to
+  pay for.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ SCORE_SAMPLES = 16
 PLACE_BINS = 256  # log-spaced bins of a place in the predicted ranking
 SMOOTHING = 0.5  # add-half counts for the Bernoulli probabilities fitted here
 HISTORY = ("in the previous set", "in an earlier set", "not yet")
-POOLED_PRIOR = 2.0  # an id's probability of staying, shrunk towards all ids' by this many rows
+POOLED_PRIOR = 2.0  # per id, P(in | seen before) shrunk towards all ids' by this many rows
 RANKING_ROWS = 512  # rows ranked at once (each ranking is [rows, V] int64)
 BITS = 8
 
