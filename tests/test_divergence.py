@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
@@ -663,12 +664,11 @@ def test_shape_gradcheck_with_a_skewed_shape() -> None:
     assert fused_gradcheck(prob, 3, mode="shape", temperature=1.3, log_tail_shape=log_shape)
 
 
-def test_tail_shape_is_required_by_shape_mode_and_refused_by_the_others() -> None:
-    n, vocab, k = 4, 10, 3
-    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=17)
-    logits = student_logits(n, vocab, seed=17)
-    shape = random_log_shape(vocab, seed=17)
-    prob = fused_problem(n, vocab, 3, k, seed=17)
+def both_losses(n: int, vocab: int, k: int, seed: int) -> tuple[Callable[..., None], ...]:
+    """The fused and the plain loss on one small problem, each taking the tail settings."""
+    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=seed)
+    logits = student_logits(n, vocab, seed=seed)
+    prob = fused_problem(n, vocab, 3, k, seed=seed)
 
     def fused(**kwargs: object) -> None:
         run_fused(prob, prob["hidden"], prob["weight"], None, with_ce=False, **kwargs)
@@ -676,7 +676,12 @@ def test_tail_shape_is_required_by_shape_mode_and_refused_by_the_others() -> Non
     def plain(**kwargs: object) -> None:
         topk_divergences(logits, ids, top_lp, tail, None, **kwargs)
 
-    for call in (fused, plain):
+    return fused, plain
+
+
+def test_tail_shape_is_required_by_shape_mode_and_refused_by_the_others() -> None:
+    shape = random_log_shape(10, seed=17)
+    for call in both_losses(4, 10, 3, seed=17):
         with pytest.raises(ValueError, match="'shape' needs log_tail_shape"):
             call(mode="shape")
         for mode in ("bucket", "renormalize", "uniform"):
@@ -751,20 +756,9 @@ def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
 
 
 def test_tail_code_is_required_by_lowrank_mode_and_refused_by_the_others() -> None:
-    n, vocab, k = 4, 10, 3
-    _, ids, top_lp, tail = make_teacher(n, vocab, k, seed=20)
-    logits = student_logits(n, vocab, seed=20)
-    prob = fused_problem(n, vocab, 3, k, seed=20)
-    code = random_tail_code(n, vocab, seed=20)
+    code = random_tail_code(4, 10, seed=20)
     basis, bias = code["tail_code_basis"]
-
-    def fused(**kwargs: object) -> None:
-        run_fused(prob, prob["hidden"], prob["weight"], None, with_ce=False, **kwargs)
-
-    def plain(**kwargs: object) -> None:
-        topk_divergences(logits, ids, top_lp, tail, None, **kwargs)
-
-    for call in (fused, plain):
+    for call in both_losses(4, 10, 3, seed=20):
         with pytest.raises(ValueError, match="'lowrank' needs tail_code"):
             call(mode="lowrank")
         with pytest.raises(ValueError, match="'lowrank' needs tail_code"):
