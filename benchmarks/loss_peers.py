@@ -160,6 +160,18 @@ def liger_jsd(site: str) -> Callable:
     return run
 
 
+def liger_triton_jsd(site: str) -> Callable:
+    sys.path.insert(0, site)
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+    fn = LigerFusedLinearJSD(jsd_beta=JSD_BETA)
+
+    def run(x: dict, args: argparse.Namespace) -> torch.Tensor:
+        return fn(x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], None)
+
+    return run
+
+
 def fused_live(chunk_size: int) -> Callable:
     def run(x: dict, args: argparse.Namespace) -> torch.Tensor:
         loss, _ = fused_live_divergence_loss(
@@ -185,6 +197,8 @@ PEERS: dict[str, tuple[str, Callable[[str], Callable]]] = {
     "torchtune": ("torchtune ForwardKLWithChunkedOutputLoss (dense teacher from top-k + tail)",
                   torchtune_fkl),
     "liger_jsd": (f"Liger/TRL chunked JSD, live teacher (chunk {PEER_CHUNK})", liger_jsd),
+    "liger_triton_jsd": ("Liger fused linear JSD (Triton kernel; GPU only), live teacher",
+                         liger_triton_jsd),
 }
 
 
@@ -210,35 +224,62 @@ def method(name: str, args: argparse.Namespace) -> Callable:
     return run
 
 
+def on_device(value: object, device: str) -> object:
+    """The inputs moved to the device; the leaves that take a gradient stay leaves."""
+    if isinstance(value, dict):
+        return {name: on_device(item, device) for name, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(on_device(item, device) for item in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device).requires_grad_(value.requires_grad)
+    return value
+
+
 def inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     x = build_inputs(args)
     teacher_inputs(x, args)
     x["floor_grad"] = torch.randn(FLOOR_CHUNK, args.vocab,
                                   generator=torch.Generator().manual_seed(SEED + 2))
-    return x
+    return on_device(x, args.device)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def measure_memory(args: argparse.Namespace) -> None:
+    """On the CPU, the rise of the process's peak RSS; on a GPU, of the allocator's peak."""
     run = method(args.child_methods[0], args)
     x = inputs(args)
     gc.collect()
-    baseline = current_rss_bytes()
-    peak_before = peak_rss_bytes()
-    loss = run(x)
-    print(json.dumps({"peak_mib": (peak_rss_bytes() - baseline) / MIB,
-                      "baseline_slack_mib": (peak_before - baseline) / MIB, "loss": loss}))
+    if args.device.startswith("cuda"):
+        synchronize(args.device)
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        loss = run(x)
+        synchronize(args.device)
+        peak, slack = torch.cuda.max_memory_allocated() - baseline, 0
+    else:
+        baseline = current_rss_bytes()
+        slack = peak_rss_bytes() - baseline
+        loss = run(x)
+        peak = peak_rss_bytes() - baseline
+    print(json.dumps({"peak_mib": peak / MIB, "baseline_slack_mib": slack / MIB, "loss": loss}))
 
 
 def measure_time(args: argparse.Namespace) -> None:
     runs = {name: method(name, args) for name in args.child_methods}
     x = inputs(args)
-    for run in runs.values():  # warm-up: first-touch allocations
+    for run in runs.values():  # warm-up: first-touch allocations, kernel compilation
         run(x)
     best = dict.fromkeys(runs, math.inf)
     for _ in range(args.repeats):
         for name, run in runs.items():
+            synchronize(args.device)
             start = time.perf_counter()
             run(x)
+            synchronize(args.device)
             best[name] = min(best[name], time.perf_counter() - start)
     print(json.dumps(best))
 
@@ -246,7 +287,7 @@ def measure_time(args: argparse.Namespace) -> None:
 def run_child(args: argparse.Namespace, what: str, methods: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--child-methods", *methods]
     for name in ("batch", "seq", "vocab", "hidden", "k", "repeats", "threads", "mode",
-                 "peers_site"):
+                 "peers_site", "device"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode:
@@ -279,6 +320,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peers-site", default=DEFAULT_PEERS_SITE)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", choices=["memory", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--child-methods", nargs="+", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -303,7 +345,9 @@ def main() -> None:
             print(f"skipped {name}: {err}")
             methods.remove(name)
     times = run_child(args, "time", [*methods, FLOOR])
-    print(f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads")
+    print(f"{where}, "
           f"torch {torch.__version__}; N = {args.batch * args.seq}, V = {args.vocab}, "
           f"H = {args.hidden}, k = {args.k}, tail mode {args.mode}, best of {args.repeats}")
     print("| method | peak MiB | x naive | best s | x naive | loss | baseline slack MiB |")
