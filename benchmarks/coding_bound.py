@@ -181,6 +181,7 @@ def teacher_pass(samples: list, teacher_dir: Path, ranks: list[int], vocab: int
             parts["z"].append(rows.tail_code.astype(np.float32) + offsets)
             parts["start"].append(np.arange(len(rows.topk_ids)) == 0)
     stats = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+    stats["samples"], stats["ranks"] = np.array(len(samples)), np.array(ranks)
     for rank in ranks:
         for name in ("bias", "basis", "step"):
             stats[f"r{rank}_{name}"] = getattr(codes[rank], name)
@@ -191,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--teacher", type=Path, default=TEACHER)
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS),
+                        help="tail code ranks (a rerun from --stats uses the saved ones)")
     parser.add_argument("--stats", type=Path, help="saves the teacher pass; a rerun reads it")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -202,13 +204,17 @@ def main() -> None:
     n_cal = sum(s.n_loss_rows for s in calibration_samples(samples))
     if args.stats and args.stats.exists():
         stats = dict(np.load(args.stats))
+        if int(stats["samples"]) != args.samples:
+            parser.error(f"{args.stats} holds the teacher pass over {int(stats['samples'])} "
+                         f"samples, not --samples {args.samples}: pass that, or another --stats")
     else:
         stats = teacher_pass(samples, args.teacher, args.ranks, vocab)
         if args.stats:
             np.savez(args.stats, **stats)
     ids, lp, tail, target, z, starts = (
         stats[name] for name in ("ids", "lp", "tail", "target", "z", "start"))
-    columns = rank_columns(args.ranks)
+    ranks = stats["ranks"].tolist()
+    columns = rank_columns(ranks)
     held = slice(n_cal, None)
     n_held = len(ids) - n_cal
     tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])
@@ -225,7 +231,7 @@ def main() -> None:
                ("per-id frequency", bernoulli_bits(ids[held], frequency).mean() / BITS, 0.0),
                ("the sample's earlier sets",
                 history_bits(ids, starts, n_cal, vocab)[held].mean() / BITS, 0.0)]
-    for rank in args.ranks:
+    for rank in ranks:
         step = float(stats[f"r{rank}_step"][0])
         stored = np.rint(z[:, columns[rank]] / step)
         bits = teacher_state_bits(ids, (stored * step).astype(np.float32), stats[f"r{rank}_bias"],
