@@ -23,7 +23,10 @@ the calibration rows only:
 - values: the format's sqrt(p) code at L levels: the coding-alone KL after the format's
   renormalisation, and the codes' bytes (Blosc-zstd) and order-0 entropy in the format's order
   (by renumbered id) and in probability order, the cheaper one, which the ids would have to
-  pay for.
+  pay for;
+- what the ids pay for probability order, given their set and the tail code's ranking;
+- values given the tail code: each code given the code's log-probability of its id, for a
+  cache that stores the code anyway (`cache.tail_rank`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ SCORE_SAMPLES = 16
 PLACE_BINS = 256  # log-spaced bins of a place in the predicted ranking
 SMOOTHING = 0.5  # add-half counts for the Bernoulli probabilities fitted here
 HISTORY = ("in the previous set", "in an earlier set", "not yet")
+PREDICTION_BIN = 0.25  # nat: bins of the tail code's log-probability of an id
+PREDICTION_BINS = 160  # down to -40 nat; the rest share the last bin
 POOLED_PRIOR = 2.0  # per id, P(in | seen before) shrunk towards all ids' by this many rows
 RANKING_ROWS = 512  # rows ranked at once (each ranking is [rows, V] int64)
 BITS = 8
@@ -107,31 +112,58 @@ def history_bits(ids: np.ndarray, starts: np.ndarray, fit_rows: int, vocab: int)
     return bits
 
 
-def places(ids: np.ndarray, z: np.ndarray, bias: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """The place of each id [n, k] in its row's ranking of the code's logits (0 = first)."""
-    out = np.empty_like(ids)
+def places(ids: np.ndarray, z: np.ndarray, bias: np.ndarray, basis: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The place of each id [n, k] in its row's ranking of the code's logits (0 = first), and
+    the code's log-probability of it (log-softmax over the vocabulary)."""
+    place, predicted = np.empty_like(ids), np.empty(ids.shape, dtype=np.float32)
     for start in range(0, len(ids), RANKING_ROWS):
-        logits = torch.from_numpy(bias + z[start : start + RANKING_ROWS] @ basis.T)
+        rows = slice(start, start + RANKING_ROWS)
+        logits = torch.from_numpy(bias + z[rows] @ basis.T)
         order = logits.argsort(-1, descending=True)
-        place = torch.empty_like(order)
-        place.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
-        out[start : start + RANKING_ROWS] = place.gather(
-            1, torch.from_numpy(ids[start : start + RANKING_ROWS])).numpy()
-    return out
+        ranking = torch.empty_like(order)
+        ranking.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+        at = torch.from_numpy(ids[rows])
+        place[rows] = ranking.gather(1, at).numpy()
+        predicted[rows] = logits.log_softmax(-1).gather(1, at).numpy()
+    return place, predicted
 
 
-def teacher_state_bits(ids: np.ndarray, z: np.ndarray, bias: np.ndarray, basis: np.ndarray,
-                       fit_rows: int) -> np.ndarray:
-    """Ids coded by their place in the ranking the tail code z predicts, with the probability
-    of each place (in log-spaced bins) fitted on the calibration rows."""
-    vocab = len(bias)
-    place = places(ids, z, bias, basis)
+def teacher_state_bits(place: np.ndarray, vocab: int, fit_rows: int) -> np.ndarray:
+    """Ids coded by their place in the ranking a tail code predicts (`places`), with the
+    probability of each place (in log-spaced bins) fitted on the calibration rows."""
     edges = np.unique(np.geomspace(1, vocab, PLACE_BINS).astype(np.int64) - 1)
     bin_of = np.searchsorted(edges, np.arange(vocab), side="right") - 1
     per_bin = np.bincount(bin_of, minlength=len(edges))
     hits = np.bincount(bin_of[place[:fit_rows].ravel()], minlength=len(edges))
     p = smoothed(hits, per_bin * fit_rows)[bin_of]
     return bernoulli_bits(place, p)
+
+
+def values_given_prediction_bits(codes: np.ndarray, predicted: np.ndarray, levels: int,
+                                 fit_rows: int) -> np.ndarray:
+    """Each value's code coded given the tail code's log-probability of its id (in bins of
+    `PREDICTION_BIN` nat), with the table of code given bin fitted on the calibration rows:
+    what a coder pays for the values once the decoder holds the row's tail code."""
+    bins = np.clip((-predicted / PREDICTION_BIN).astype(np.int64), 0, PREDICTION_BINS - 1)
+    table = np.full((PREDICTION_BINS, levels + 1), SMOOTHING)
+    np.add.at(table, (bins[:fit_rows], codes[:fit_rows]), 1)
+    table /= table.sum(1, keepdims=True)
+    return -np.log2(table[bins, codes]).sum(1)
+
+
+def order_bits(place: np.ndarray, fit_rows: int) -> np.ndarray:
+    """What putting a row's ids (columns in probability order) in that order costs once their
+    set and the tail code's ranking are known: each id in turn is coded by its index among the
+    ids not yet coded, taken in the ranking's order, given its rank; the table is fitted on the
+    calibration rows. The price of coding the values in probability order."""
+    in_ranking = place.argsort(1).argsort(1)
+    k = place.shape[1]
+    index = np.stack([(in_ranking[:, j:] < in_ranking[:, j : j + 1]).sum(1) for j in range(k)], 1)
+    table = np.full((k, k), SMOOTHING)
+    np.add.at(table, (np.broadcast_to(np.arange(k), index.shape)[:fit_rows], index[:fit_rows]), 1)
+    table = table / table.sum(1, keepdims=True)
+    return -np.log2(table[np.arange(k), index]).sum(1)
 
 
 def value_codes(logprobs: np.ndarray, levels: int) -> np.ndarray:
@@ -231,17 +263,24 @@ def main() -> None:
                ("per-id frequency", bernoulli_bits(ids[held], frequency).mean() / BITS, 0.0),
                ("the sample's earlier sets",
                 history_bits(ids, starts, n_cal, vocab)[held].mean() / BITS, 0.0)]
+    predicted, order = {}, {}  # per rank: the code's log-probability of each id, the order's bits
     for rank in ranks:
         step = float(stats[f"r{rank}_step"][0])
         stored = np.rint(z[:, columns[rank]] / step)
-        bits = teacher_state_bits(ids, (stored * step).astype(np.float32), stats[f"r{rank}_bias"],
-                                  stats[f"r{rank}_basis"], n_cal)[held].mean() / BITS
+        place, predicted[rank] = places(ids, (stored * step).astype(np.float32),
+                                        stats[f"r{rank}_bias"], stats[f"r{rank}_basis"])
+        bits = teacher_state_bits(place, vocab, n_cal)[held].mean() / BITS
+        order[rank] = order_bits(place, n_cal)[held].mean() / BITS
         code_bytes = compressed_bytes(stored[held].astype(fmt.TAIL_CODE_DTYPE), BLOSC) / n_held
         id_rows.append((f"the teacher's state: tail code r = {rank}", bits, code_bytes))
     print("| ids coded with | B/token ids | B/token the model's side data | B/token total |")
     print("|---|---|---|---|")
     for name, id_bytes, side in id_rows:
         print(f"| {name} | {id_bytes:.1f} | {side:.1f} | {id_bytes + side:.1f} |")
+    any_order = np.log2(np.arange(1, K + 1)).sum() / BITS
+    for rank in ranks:
+        print(f"\nputting the ids in probability order, given their set and the r = {rank} code: "
+              f"{order[rank]:.1f} B/token (any order of k ids: log2(k!) = {any_order:.1f})")
     print(f"\ntail log-mass and target log-prob (float32, compressed): {floats:.1f} B/token\n")
 
     format_check = coding_kl(lp[held], value_codes(lp[held], fmt.CODE_MAX), fmt.CODE_MAX)
@@ -268,6 +307,20 @@ def main() -> None:
               f"{entropy(value) / BITS:.1f} | "
               f"{compressed_bytes(value.astype(dtype), BLOSC) / n_held:.1f} | "
               f"{entropy_given_rank(value) / BITS:.1f} |")
+
+    print("\n| values: sqrt(p) levels | " + " | ".join(
+        f"B/token given the r = {rank} code's log-prob of the id" for rank in ranks) + " |")
+    print("|---|" + "---|" * len(ranks))
+    for levels in LEVELS:
+        value = value_codes(lp, levels)
+        given = [values_given_prediction_bits(value, predicted[rank], levels, n_cal)[held]
+                 for rank in ranks]
+        print(f"| {levels} | " + " | ".join(f"{bits.mean() / BITS:.1f}" for bits in given) + " |")
+    for rank in ranks:
+        guess, exact = predicted[rank][held], lp[held]
+        print(f"\nthe r = {rank} code's log-prob of the top-1 id: {guess[:, 0].mean():.2f} nat "
+              f"(the teacher's {exact[:, 0].mean():.2f}); correlation with the teacher's over the "
+              f"top-k {np.corrcoef(guess.ravel(), exact.ravel())[0, 1]:.2f}")
 
 
 if __name__ == "__main__":
