@@ -46,8 +46,7 @@ def _inspect(argv: list[str]) -> None:
 
 
 def _verify(argv: list[str]) -> None:
-    from akd_cache.store import format as fmt
-    from akd_cache.store.integrity import check_identity, damage_error, find_damage
+    from akd_cache.store.integrity import damage_error, find_damage, open_cache
 
     parser = argparse.ArgumentParser(
         prog="akd verify", description="check every shard of a teacher cache: present, "
@@ -56,14 +55,7 @@ def _verify(argv: list[str]) -> None:
     )
     parser.add_argument("cache", help="cache folder or fsspec URL")
     args = parser.parse_args(argv)
-    try:
-        group = fmt.open_cache_group(args.cache, mode="r")
-    except FileNotFoundError:
-        raise CacheError(f"{args.cache}: no teacher cache there") from None
-    meta = fmt.CacheMeta.read(group, args.cache)
-    if meta is None:
-        raise CacheError(f"{args.cache}: not an akd-cache teacher cache")
-    check_identity(meta, args.cache)
+    group, meta = open_cache(args.cache)
     damage = find_damage(group, args.cache, meta, full=True)
     for d in damage:
         print(d.line(args.cache))
@@ -75,7 +67,7 @@ def _verify(argv: list[str]) -> None:
 
 
 def _finalize(argv: list[str]) -> None:
-    from akd_cache.store.format import open_cache_group
+    from akd_cache.store.integrity import open_cache
     from akd_cache.store.writer import finalize
 
     parser = argparse.ArgumentParser(
@@ -83,7 +75,8 @@ def _finalize(argv: list[str]) -> None:
     )
     parser.add_argument("cache")
     args = parser.parse_args(argv)
-    if not finalize(open_cache_group(args.cache, mode="r+"), args.cache):
+    group, _ = open_cache(args.cache, mode="r+")
+    if not finalize(group, args.cache):
         raise CacheError(f"{args.cache}: shards are still missing; run the remaining workers first")
     print(f"{args.cache}: complete")
 

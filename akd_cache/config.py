@@ -63,12 +63,29 @@ class StudentInit(Strict):
     keep_teacher_layers: int | None = Field(None, gt=0)
 
 
+def refuse_other_backends(config: BaseModel, section: str, backend: str, backend_key: str,
+                          only: dict[str, tuple[str, ...]]) -> None:
+    """A setting that only another backend reads would be silently ignored: name it instead.
+    `only` maps each backend to the settings of `section` that it alone reads."""
+    for other, names in only.items():
+        for name in names:
+            if other != backend and name in config.model_fields_set:
+                raise ValueError(f"{section}.{name} applies to {backend_key} '{other}' only, "
+                                 f"not '{backend}': remove it")
+
+
 class TeacherConfig(ModelRef):
     backend: Literal["hf", "vllm"] = "hf"
     dtype: DtypeName = "float32"
     device: str = "cpu"
     batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (hf backend)")
     vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> TeacherConfig:
+        refuse_other_backends(self, "teacher", self.backend, "teacher.backend",
+                              {"hf": ("batch_tokens",), "vllm": ("vllm_memory_utilization",)})
+        return self
 
 
 class CacheConfig(Strict):
@@ -77,7 +94,10 @@ class CacheConfig(Strict):
     max_length: int = Field(512, ge=8)
     truncation: TruncationPolicy = "truncate_response"
     template: TemplateName = "alpaca"
-    shard_tokens: int = Field(65536, ge=1024)
+    shard_tokens: int = Field(
+        65536, ge=1024, description="rows per shard: at most 4096 (the rows of one compressed "
+        "chunk, `store.format.INNER_CHUNK_ROWS`) or a multiple of it",
+    )
     root: str = "storage/teacher-cache"
     tail_shape: bool = Field(
         False, description="also store the teacher's mean distribution over the ids outside its "
@@ -88,6 +108,7 @@ class CacheConfig(Strict):
         "(int16, fitted to the tails' KL on the calibration rows), for train.tail_mode 'lowrank'; "
         "0: none; needs the hf backend",
     )
+
 
 
 class TrainConfig(Strict):
@@ -255,7 +276,8 @@ class EvalConfig(Strict):
     seed: int = 0
     template: TemplateName = "alpaca"
     max_new_tokens: int = Field(512, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts per generate call (hf backend); vLLM "
+                            "batches by itself")
     n_samples: int = Field(1, gt=0)
     temperature: float = Field(0.0, ge=0, description="0: greedy pass@1")
     backend: Literal["hf", "vllm"] = "hf"
@@ -264,12 +286,19 @@ class EvalConfig(Strict):
     vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
     taxonomy_workers: int = Field(2, gt=0)
 
+    @model_validator(mode="after")
+    def _backend_settings(self) -> EvalConfig:
+        refuse_other_backends(self, "eval", self.backend, "eval.backend", {
+            "hf": ("device", "batch_size"), "vllm": ("vllm_memory_utilization",)})
+        return self
+
 
 class GenerateConfig(Strict):
     """Stage 1's generate mode: the teacher's own responses, for SeqKD."""
 
     max_new_tokens: int = Field(512, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts per generate call (teacher.backend hf); "
+                            "vLLM batches by itself")
     root: str = "storage/teacher-generations"
 
 
@@ -312,6 +341,8 @@ class Profile(Strict):
         if self.cache.tail_rank and self.teacher.backend != "hf":
             raise ValueError("cache.tail_rank needs teacher.backend 'hf': vLLM returns only "
                              "the top log-probs, not the hidden states the code is made of")
+        refuse_other_backends(self.generate, "generate", self.teacher.backend, "teacher.backend",
+                              {"hf": ("batch_size",)})
         return self
 
     def check_tail_mode(self, tail_mode: str | None, where: str) -> None:

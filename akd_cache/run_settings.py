@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def discard_if_changed(folder: Path, marker: str, settings: dict, stale: Iterable[Path]) -> None:
+    """One process's job: under torchrun the main one calls it, the others wait for it."""
     path = folder / marker
     current = json.dumps(settings, sort_keys=True)
     if path.exists() and path.read_text() == current:

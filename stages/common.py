@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from akd_cache import jsonl
 from akd_cache.config import Profile, load_params
 from akd_cache.errors import MissingInputError
 
@@ -19,6 +19,7 @@ CACHE_POINTERS = {"train": TEACHER_CACHE_POINTER, "heldout": HELDOUT_CACHE_POINT
 CACHE_DROPPED = {"train": TEACHER_CACHE_DROPPED,
                  "heldout": RUNS_DIR / "teacher_cache_heldout_dropped.jsonl"}
 FIDELITY_DIR = RUNS_DIR / "fidelity"
+write_json = jsonl.write_json  # how every stage writes its JSON outputs
 
 
 def stage_args(description: str) -> argparse.ArgumentParser:
@@ -38,9 +39,3 @@ def require_input(path: Path, producer: str) -> Path:
         raise MissingInputError(f"{path}: not found; run `akd {producer}` first")
     return path
 
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)

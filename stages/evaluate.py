@@ -20,8 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.profile)
     profile = params.active
+    revision = None
     if args.model == "teacher":
-        model_dir = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
+        revision = profile.teacher.revision
+        model_dir = resolve_model(profile.teacher.model, "teacher.model", revision)
         kind, method = "teacher", None
     elif args.model == "student":
         model_dir = resolve_model(profile.student.model, "student.model")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"an experiment ({', '.join(params.experiments)})")
     out = RUNS_DIR / "eval" / args.model
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate_model(Path(model_dir), out, profile.eval)
+    result = evaluate_model(Path(model_dir), out, profile.eval, revision)
     write_json(out / "metrics.json", {"model": args.model, "kind": kind, "method": method,
                                       **result})
     scores = ", ".join(f"{name} {d['base_pass_at_1']:.3f}/{d['plus_pass_at_1']:.3f}"

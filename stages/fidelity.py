@@ -58,8 +58,8 @@ def model_paths(params: Params, names: list[str] | None) -> dict[str, str]:
     return paths
 
 
-def load(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+def load(path: str, dtype: torch.dtype, revision: str | None = None) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_teacher:
         teacher_path = resolve_model(profile.teacher.model, "teacher.model",
                                      profile.teacher.revision)
-        teacher = load(teacher_path, DTYPES[profile.teacher.dtype])
+        teacher = load(teacher_path, DTYPES[profile.teacher.dtype], profile.teacher.revision)
     students = {name: load(path, torch.float32) for name, path in paths.items()}
     settings = profile.fidelity
     per_sample = per_sample_fidelity(

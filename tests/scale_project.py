@@ -17,13 +17,13 @@ SHARD_TOKENS = 1024  # the smallest allowed: several shards from a few dozen sam
 
 
 def write_params(workdir: Path, tiny_models: dict[str, Path], dataset: Path, cache_root: str,
-                 n_train: int, **train: object) -> Path:
+                 n_train: int, cache: dict[str, object] | None = None, **train: object) -> Path:
     doc = {"profile": "tiny", "profiles": {"tiny": {
         "data": {"dataset": str(dataset), "heldout": 4, "max_train_samples": n_train},
         "teacher": {"model": str(tiny_models["llama"]), "batch_tokens": 2048},
         "student": {"model": str(tiny_models["gpt_bigcode"])},
         "cache": {"k": K, "max_length": MAX_LENGTH, "shard_tokens": SHARD_TOKENS,
-                  "template": "alpaca", "root": cache_root},
+                  "template": "alpaca", "root": cache_root, **(cache or {})},
         "train": {"batch_size": 4, "max_steps": 2, "lr": 1e-3, "save_steps": 100, **train},
     }}, "experiments": {"kd": {"method": "kd"}}}
     path = workdir / "params.yaml"

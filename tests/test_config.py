@@ -177,3 +177,34 @@ def test_the_lowrank_tail_mode_needs_a_tail_code_from_the_hf_backend(tmp_path):
                                           "temper_cache": True}
     with pytest.raises(ConfigError, match="'lowrank' does not apply with train.temper_cache"):
         load_params(write(tmp_path, tempered))
+
+
+@pytest.mark.parametrize(("section", "backend", "key", "owner"), [
+    ("teacher", "vllm", {"batch_tokens": 2048}, "hf"),
+    ("teacher", "hf", {"vllm_memory_utilization": 0.5}, "vllm"),
+    ("eval", "vllm", {"device": "cuda"}, "hf"),
+    ("eval", "vllm", {"batch_size": 4}, "hf"),
+    ("eval", "hf", {"vllm_memory_utilization": 0.5}, "vllm"),
+])
+def test_a_setting_only_the_other_backend_reads_is_an_error(tmp_path, section, backend, key,
+                                                             owner):
+    doc = minimal()
+    block = doc["profiles"]["p"].setdefault(section, {})
+    block.update(backend=backend, **key)
+    (name,) = key
+    with pytest.raises(ConfigError, match=rf"{section}\.{name} applies to {section}\.backend "
+                                          rf"'{owner}' only, not '{backend}'"):
+        load_params(write(tmp_path, doc))
+    del block[name]
+    assert getattr(load_params(write(tmp_path, doc)).active, section).backend == backend
+
+
+def test_generate_batch_size_is_the_hf_teachers_only(tmp_path):
+    doc = minimal()
+    doc["profiles"]["p"]["teacher"]["backend"] = "vllm"
+    doc["profiles"]["p"]["generate"] = {"batch_size": 16}
+    with pytest.raises(ConfigError, match=r"generate\.batch_size applies to teacher\.backend "
+                                          r"'hf' only, not 'vllm'"):
+        load_params(write(tmp_path, doc))
+    doc["profiles"]["p"]["teacher"]["backend"] = "hf"
+    assert load_params(write(tmp_path, doc)).active.generate.batch_size == 16

@@ -6,10 +6,12 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from akd_cache import jsonl
 from akd_cache.cli import main as akd
 from akd_cache.config import DataConfig
 from akd_cache.data.instructions import BadRow, Example, drop_summary, prepare
 from akd_cache.data.tokenize import tokenize_example
+from akd_cache.errors import DataError
 
 GOOD = [{"instruction": f"Task {i}", "input": "", "output": f"print({i})"} for i in range(20)]
 
@@ -41,6 +43,18 @@ def test_bad_rows_are_dropped_with_a_reason_and_the_run_goes_on(tmp_path):
     }
     assert len(data.train) + len(data.heldout) == len(GOOD)
     assert drop_summary(data.dropped, data.n_rows).startswith("dropped 6 of 26 rows")
+
+
+def test_write_json_replaces_a_whole_ascii_document(tmp_path):
+    """Indented with sorted keys, non-ASCII escaped (any locale reads it), no temp file left."""
+    path = tmp_path / "out" / "m.json"
+    path.parent.mkdir()
+    path.write_text("old")
+    jsonl.write_json(path, {"b": "é", "a": [1]})
+    assert path.read_bytes() == b'{\n  "a": [\n    1\n  ],\n  "b": "\\u00e9"\n}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+    jsonl.write_json(tmp_path / "new" / "n.json", [])  # the folder is made
+    assert json.loads((tmp_path / "new" / "n.json").read_text()) == []
 
 
 def test_unparsable_jsonl_line_is_one_bad_row(tmp_path):
@@ -197,3 +211,19 @@ def test_truncation_policies(tokenizer):
         tokenize_example(tokenizer, example, "alpaca", 100, "drop")
     with pytest.raises(BadRow, match="the prompt alone"):
         tokenize_example(tokenizer, example, "alpaca", 10, "truncate_response")
+
+
+def test_a_split_that_tokenisation_drops_whole_is_one_line_naming_a_sample(tiny_models,
+                                                                           tmp_path):
+    from akd_cache.config import CacheConfig, TeacherConfig
+    from akd_cache.teacher.build import build_cache
+
+    examples = [Example(f"s{i}", "Write it.", "", "x = 1\n" * 200) for i in range(3)]
+    cache = CacheConfig(max_length=16, truncation="drop", root=str(tmp_path / "caches"))
+    with pytest.raises(DataError, match=r"^train split: all 3 samples were dropped by "
+                                        r"tokenisation \(cache.max_length 16, cache.truncation "
+                                        r"'drop'\); the first, s0: ") as refusal:
+        build_cache(TeacherConfig(model=str(tiny_models["llama"])),
+                    DataConfig(dataset="rows.json"), cache, examples, "0" * 64)
+    assert len(str(refusal.value).splitlines()) == 1
+    assert not (tmp_path / "caches").exists()

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from akd_cache.config import SFT, SeqKD, TrainConfig
 from akd_cache.student.loss import (
     TAIL_MODES,
     CachedTeacher,
@@ -530,6 +531,7 @@ def test_fused_all_positions_inactive() -> None:
         prob["tail"],
         fkl_coef=zero,
         rkl_coef=zero,
+        chunk_size=2,
     )
     loss.backward()
     assert loss.item() == 0 and (div.fkl == 0).all() and (hidden.grad == 0).all()
@@ -538,12 +540,14 @@ def test_fused_all_positions_inactive() -> None:
 def test_fused_leading_batch_dims() -> None:
     b, s, vocab, hidden_size, k = 2, 5, 30, 6, 4
     prob = fused_problem(b * s, vocab, hidden_size, k, seed=14)
-    flat, flat_div = run_fused(prob, prob["hidden"], prob["weight"], prob["bias"], with_ce=True)
+    flat, flat_div = run_fused(prob, prob["hidden"], prob["weight"], prob["bias"], with_ce=True,
+                               chunk_size=4)
     shaped = {
         name: t.reshape(b, s, *t.shape[1:]) if t.shape[0] == b * s else t
         for name, t in prob.items()
     }
-    got, div = run_fused(shaped, shaped["hidden"], prob["weight"], prob["bias"], with_ce=True)
+    got, div = run_fused(shaped, shaped["hidden"], prob["weight"], prob["bias"], with_ce=True,
+                         chunk_size=4)
     torch.testing.assert_close(got, flat)
     assert div.fkl.shape == (b, s)
     torch.testing.assert_close(div.rkl.reshape(-1), flat_div.rkl)
@@ -671,7 +675,8 @@ def both_losses(n: int, vocab: int, k: int, seed: int) -> tuple[Callable[..., No
     prob = fused_problem(n, vocab, 3, k, seed=seed)
 
     def fused(**kwargs: object) -> None:
-        run_fused(prob, prob["hidden"], prob["weight"], None, with_ce=False, **kwargs)
+        run_fused(prob, prob["hidden"], prob["weight"], None, with_ce=False, chunk_size=3,
+                  **kwargs)
 
     def plain(**kwargs: object) -> None:
         topk_divergences(logits, ids, top_lp, tail, None, **kwargs)
@@ -753,6 +758,25 @@ def test_distillation_loss_passes_the_tail_shape_in_shape_mode_only() -> None:
     torch.testing.assert_close(run("shape", shape), want)
     with pytest.raises(ValueError, match="'shape' needs log_tail_shape"):
         run("shape", None)
+
+
+@pytest.mark.parametrize("experiment", [SFT(), SeqKD()], ids=["sft", "seqkd"])
+@pytest.mark.parametrize("mode", ["shape", "lowrank"])
+def test_cross_entropy_methods_ignore_a_modelled_profile_tail_mode(
+    experiment: SFT | SeqKD, mode: str
+) -> None:
+    """sft and seqkd get no tail model (`run.cached_tail_model`), so the profile's 'shape' or
+    'lowrank' must not reach their loss: it is the cross-entropy, FKL/RKL logged as 'bucket'."""
+    b = loss_batch(seed=23)
+    teacher = CachedTeacher(*b.rows)
+    settings = LossSettings.of(experiment, TrainConfig(tail_mode=mode, chunk_size=3))
+    out = distillation_loss(b.hidden, b.head, teacher, b.loss_mask, b.labels, b.beta, settings)
+    out.loss.backward()
+    bucket = LossSettings.of(experiment, TrainConfig(chunk_size=3))
+    want = distillation_loss(b.hidden, b.head, teacher, b.loss_mask, b.labels, b.beta, bucket)
+    assert settings.tail_mode == "bucket" and not settings.distill
+    torch.testing.assert_close((out.loss, out.fkl, out.rkl), (want.loss, want.fkl, want.rkl))
+    assert b.head.weight.grad.abs().sum() > 0
 
 
 def test_tail_code_is_required_by_lowrank_mode_and_refused_by_the_others() -> None:

@@ -26,3 +26,25 @@ def test_a_random_model_scores_zero_and_every_failure_is_classified(tiny_models,
     raws = [json.loads(r)["raw"] for r in (tmp_path / "humaneval_samples.jsonl").read_text()
             .splitlines()]
     assert len(raws) == 3 and all(len(raw) <= 12 for raw in raws)
+
+
+def test_a_new_revision_of_the_model_makes_its_samples_again(tiny_models, tmp_path):
+    """A hub model has no local weights to hash: its revision decides whether samples count."""
+    cfg = EvalConfig(data_dir=str(EVALPLUS), datasets=["humaneval"], n_tasks=2,
+                     max_new_tokens=4, batch_size=2, taxonomy_workers=1)
+    samples = tmp_path / "humaneval_samples.jsonl"
+
+    def mark_samples() -> None:
+        rows = [json.loads(line) for line in samples.read_text().splitlines()]
+        samples.write_text("".join(json.dumps({**row, "raw": "MARK"}) + "\n" for row in rows))
+
+    def raws() -> list[str]:
+        return [json.loads(line)["raw"] for line in samples.read_text().splitlines()]
+
+    evaluate_model(tiny_models["llama"], tmp_path, cfg, revision="v1")
+    mark_samples()
+    evaluate_model(tiny_models["llama"], tmp_path, cfg, revision="v1")
+    assert raws() == ["MARK", "MARK"]
+    evaluate_model(tiny_models["llama"], tmp_path, cfg, revision="v2")
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["revision"] == "v2"
+    assert len(raws()) == 2 and "MARK" not in raws()

@@ -10,11 +10,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from scale_project import K, assert_same_cache, write_params
+from scale_project import K, assert_same_cache, stored_bytes, write_params
 
 import akd_cache.teacher.build
 import stages.cache_teacher
 import stages.prepare
+from akd_cache.store import format as fmt
 from akd_cache.store.reader import TeacherCache
 from akd_cache.teacher.hf_backend import HFTeacher
 
@@ -22,6 +23,7 @@ ray = pytest.importorskip("ray")  # an extra; CI installs it, so nothing is skip
 
 TESTS = Path(__file__).resolve().parent
 N_TRAIN = 300  # about 3 shards of the tiny teacher's rows
+N_TAILED = 120  # 2 shards
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +81,21 @@ def test_ray_cache_teacher_equals_a_single_process_run_and_redoes_a_killed_actor
     dead = attempts[0][0]
     assert attempts[1][0] != dead
     assert [entry for entry in scored if entry[0] == dead][-1] == attempts[0]  # it died there
+
+
+def test_ray_builds_a_cache_with_a_tail_shape_and_code_like_a_single_process_run(
+        local_ray, tiny_models, codealpaca_path, tmp_path, monkeypatch):
+    """The driver calibrates through an actor: the shape and the code are measured there."""
+    monkeypatch.chdir(tmp_path)
+    tails = {"tail_shape": True, "tail_rank": 4}
+    write_params(tmp_path, tiny_models, codealpaca_path, "single", N_TAILED, cache=tails)
+    stages.prepare.main([])
+    stages.cache_teacher.main([])
+    single = json.loads(Path("runs/teacher_cache.json").read_text())["location"]
+    write_params(tmp_path, tiny_models, codealpaca_path, "on-ray", N_TAILED, cache=tails)
+    stages.cache_teacher.main(["--ray", "--actors", "2"])
+    on_ray = json.loads(Path("runs/teacher_cache.json").read_text())["location"]
+    assert TeacherCache(on_ray).meta.n_shards >= 2
+    stored = {path.split("/")[1] for path in stored_bytes(on_ray)}
+    assert {fmt.TAIL_SHAPE, fmt.TAIL_CODE} <= stored
+    assert_same_cache(on_ray, single)

@@ -236,6 +236,25 @@ def test_any_text_round_trips_through_the_file(tiny_models, examples, tmp_path):
     assert truncated_sample_ids(tmp_path) == set()
 
 
+class ClosingBackend(FixedBackend):
+    """A `FixedBackend` with processes of its own to shut down, as vLLM's engine has."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_teacher_is_shut_down_however_generation_ends(tiny_models, examples, tmp_path):
+    ingredients = ingredients_for(tiny_models, examples)
+    finished = ClosingBackend([""] * N_EXAMPLES)
+    generate_responses(tmp_path / "a", examples, ingredients, lambda: finished)
+    crashed = ClosingBackend([])  # its first response raises IndexError
+    with pytest.raises(IndexError):
+        generate_responses(tmp_path / "b", examples, ingredients, lambda: crashed)
+    assert finished.closed and crashed.closed
+
+
 def test_interrupted_run_resumes_to_the_same_result(tiny_models, examples, tmp_path):
     ingredients = ingredients_for(tiny_models, examples)
     straight = generate_responses(tmp_path / "straight", examples, ingredients,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,11 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from akd_cache.cli import main
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_split
-from akd_cache.errors import ConfigError, DamageError, ModelError
+from akd_cache.errors import ConfigError, DamageError, DataError, ModelError
 from akd_cache.store import format as fmt
 from akd_cache.store.inspect import describe
 from akd_cache.store.key import CacheIngredients
@@ -299,6 +301,61 @@ def test_a_location_is_tied_to_its_key(setup, reference_cache):
     with pytest.raises(IncompatibleCacheError, match="tied to its key"):
         fill(str(reference_cache), setup["samples"], other, len(setup["tokenizer"]),
              lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+
+
+def test_a_resume_with_another_shard_size_continues_in_the_stored_one(
+    setup, reference_cache, tmp_path, caplog
+):
+    """The shard size is no key ingredient: a run that asks for another one shares the cache,
+    so it must write its shards in the stored layout, each sample's rows where the tables put
+    them, and end equal to an uninterrupted build."""
+    location = tmp_path / "cache"
+    with pytest.raises(Crash):
+        build(location, setup, backend=crashing_backend(setup["teacher"], 2))
+    for other in (2 * SHARD_ROWS, SHARD_ROWS // 2):
+        with caplog.at_level("WARNING"):
+            assert fill(str(location), setup["samples"], setup["ingredients"],
+                        len(setup["tokenizer"]), lambda: setup["teacher"], shard_rows=other)
+        assert f"laid out in shards of {SHARD_ROWS} rows" in caplog.text
+    assert TeacherCache(str(location)).meta.shard_rows == SHARD_ROWS
+    for name, ref in row_arrays(reference_cache).items():
+        np.testing.assert_array_equal(row_arrays(location)[name], ref, err_msg=name)
+
+
+@pytest.mark.parametrize("shard_rows", [5000, 3 * fmt.INNER_CHUNK_ROWS + 1])
+def test_a_shard_of_part_chunks_is_refused_before_anything_is_written(setup, tmp_path,
+                                                                     shard_rows):
+    location = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=rf"^cache.shard_tokens {shard_rows}: a shard holds "
+                                          rf"whole chunks of {fmt.INNER_CHUNK_ROWS} rows"):
+        fill(str(location), setup["samples"], setup["ingredients"], len(setup["tokenizer"]),
+             lambda: setup["teacher"], shard_rows=shard_rows)
+    assert not location.exists()
+
+
+def test_no_samples_is_a_data_error_before_anything_is_written(setup, tmp_path):
+    location = tmp_path / "cache"
+    with pytest.raises(DataError, match=re.escape(f"{location}: no samples to cache; was every "
+                                                  "one dropped by tokenisation")):
+        fill(str(location), [], setup["ingredients"], len(setup["tokenizer"]),
+             lambda: setup["teacher"], shard_rows=SHARD_ROWS)
+    assert not location.exists()
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    (lambda path: None, "no teacher cache there"),
+    (lambda path: path.mkdir(), "no teacher cache there"),
+    (lambda path: zarr.open_group(str(path), mode="w"),
+     f"not an akd-cache teacher cache (no '{fmt.ATTRS}' attrs)"),
+], ids=["missing", "empty-folder", "group-without-attributes"])
+def test_finalize_of_no_cache_is_one_line(tmp_path, capsys, monkeypatch, make, problem):
+    location = tmp_path / "cache"
+    make(location)
+    monkeypatch.delenv("AKD_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finalize", str(location)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"akd finalize: {location}: {problem}\n"
 
 
 def test_key_changes_with_every_ingredient(setup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ from akd_cache.data.instructions import Example
 from akd_cache.errors import CacheError
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.loss import CachedTailModel, topk_divergences
-from akd_cache.student.run import train_experiment
+from akd_cache.student.run import cached_tail_model, train_experiment
+from akd_cache.student.seqkd_data import SeqKDDataset
 from akd_cache.student.trainer import DistillationModule, DistillTrainer
 
 K = 16
@@ -194,8 +196,9 @@ def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_
     assert len([line for line in log if '"fkl"' in line]) == 4  # the old run's log is gone
 
 
-def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpaca_rows,
-                                                          cache_and_student, tmp_path):
+@pytest.fixture(scope="module")
+def generations(tiny_models, codealpaca_rows, tmp_path_factory) -> Path:
+    """The llama teacher's responses to 4 prompts: a SeqKD generations folder."""
     from akd_cache.teacher.generate import (
         generate_responses,
         generator_factory,
@@ -203,16 +206,26 @@ def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpac
     )
 
     teacher = str(tiny_models["llama"])
-    examples = [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
-                for i, r in enumerate(codealpaca_rows[:4])]
+    examples = seqkd_examples(codealpaca_rows)
     ingredients = make_generation_ingredients(
         teacher=TeacherConfig(model=teacher), teacher_path=teacher,
         tokenizer=AutoTokenizer.from_pretrained(teacher), examples=examples, template="alpaca",
         max_new_tokens=12,
     )
-    location = tmp_path / "generations"
+    location = tmp_path_factory.mktemp("seqkd") / "generations"
     generate_responses(location, examples, ingredients,
                        generator_factory(TeacherConfig(model=teacher), teacher, 4))
+    return location
+
+
+def seqkd_examples(codealpaca_rows) -> list[Example]:
+    return [Example(f"row-{i}", r["instruction"], r["input"], r["output"])
+            for i, r in enumerate(codealpaca_rows[:4])]
+
+
+def test_seqkd_trains_on_the_teachers_generated_responses(generations, cache_and_student,
+                                                          tmp_path):
+    location = generations
     metrics = train_experiment(
         cache_and_student[0], cache_and_student[1], SeqKD(),
         TrainConfig(batch_size=2, max_steps=2, lr=1e-3), tmp_path / "out", "seqkd",
@@ -223,6 +236,88 @@ def test_seqkd_trains_on_the_teachers_generated_responses(tiny_models, codealpac
     with pytest.raises(ValueError, match="needs the teacher's generations"):
         train_experiment(cache_and_student[0], cache_and_student[1], SeqKD(),
                          TRAIN, tmp_path / "out2", "seqkd")
+
+
+def interrupt_at_call(monkeypatch, n: int) -> None:
+    """The n-th training step from now raises KeyboardInterrupt, as a kill would stop it."""
+    calls = {"n": 0}
+    original = DistillTrainer.compute_loss
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "compute_loss", interrupted)
+
+
+def test_seqkd_checkpoints_of_another_tokenization_are_never_resumed(
+        generations, cache_and_student, tmp_path, monkeypatch):
+    """SeqKD tokenises the generations itself, under cache.max_length and cache.truncation,
+    which the generations' key does not cover: a run interrupted after a checkpoint resumes it
+    under the same settings only."""
+    train = TrainConfig(batch_size=2, max_steps=2, save_steps=1, lr=1e-3)
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-1"
+
+    def interrupted_run(cache: CacheConfig, at_call: int) -> None:
+        interrupt_at_call(monkeypatch, at_call)
+        with pytest.raises(KeyboardInterrupt):
+            train_experiment(*cache_and_student, SeqKD(), train, tmp_path, "seqkd",
+                             generations=str(generations), cache_cfg=cache)
+        monkeypatch.undo()
+
+    interrupted_run(CacheConfig(max_length=128), at_call=2)
+    assert checkpoint.exists()
+    interrupted_run(CacheConfig(max_length=128), at_call=1)  # resumed: step 2 is its first
+    assert checkpoint.exists()
+    interrupted_run(CacheConfig(max_length=256), at_call=1)
+    assert not checkpoint.exists()
+    interrupted_run(CacheConfig(max_length=256), at_call=2)
+    assert checkpoint.exists()
+    interrupted_run(CacheConfig(max_length=256, truncation="drop"), at_call=1)
+    assert not checkpoint.exists()
+
+
+def test_only_the_main_process_discards_a_changed_runs_checkpoints(cache_and_student, tmp_path,
+                                                                   monkeypatch):
+    """Under torchrun every rank runs `train_experiment`; rank 0 alone removes what a run with
+    other settings left, the others wait for it."""
+    stale = tmp_path / "checkpoints" / "checkpoint-2"
+    (tmp_path / "run_settings.json").write_text("{}")  # another run's settings
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DistillTrainer, "train", interrupted)
+    for main in (False, True):
+        stale.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(DistillTrainer, "is_world_process_zero", lambda self, main=main: main)
+        with pytest.raises(KeyboardInterrupt):
+            run(cache_and_student, tmp_path, KD())
+        assert stale.exists() != main
+
+
+@pytest.mark.parametrize("mode", ["shape", "lowrank"])
+def test_sft_and_seqkd_train_whatever_the_profiles_tail_mode(cache_and_student, codealpaca_rows,
+                                                             mode):
+    """train.tail_mode 'shape' or 'lowrank' is for distillation: sft and seqkd get no tail model,
+    and their step is the one of the default tail mode (cross-entropy, FKL/RKL logged)."""
+    location, student_path = cache_and_student
+    train = TRAIN.model_copy(update={"tail_mode": mode})
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    seqkd = SeqKDDataset(seqkd_examples(codealpaca_rows), tokenizer, CacheConfig(max_length=128))
+    student = AutoModelForCausalLM.from_pretrained(student_path)
+    for experiment, dataset in ((SFT(), CacheDataset(TeacherCache(location))), (SeqKD(), seqkd)):
+        batch = collate([dataset[i] for i in range(2)])
+        module = DistillationModule(student, experiment, train,
+                                    tail_model=cached_tail_model(experiment, train, dataset))
+        out = module(**batch, beta=torch.tensor(0.0))
+        out.loss.backward()
+        want = DistillationModule(student, experiment, TRAIN)(**batch, beta=torch.tensor(0.0))
+        assert [out.loss.item(), out.fkl.item()] == [want.loss.item(), want.fkl.item()]
+        assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+        student.zero_grad()
 
 
 TAIL_MODELS = {"shape": {"tail_shape": True}, "lowrank": {"tail_rank": TAIL_RANK}}
@@ -272,3 +367,24 @@ def test_a_modelled_tail_mode_trains_against_the_caches_dense_distribution(
     assert metrics["steps"] == TRAIN.max_steps
     with pytest.raises(CacheError, match="this cache has none"):
         run(cache_and_student, tmp_path / "none", KD(tail_mode=mode))
+
+
+def test_beta_steps_once_per_optimizer_step_on_its_micro_batches_means(cache_and_student,
+                                                                       tmp_path):
+    """With gradient accumulation, beta's one step per training step (docs/method.md §4) uses
+    the means over that step's micro-batches: replayed from the logged means, beta matches."""
+    from akd_cache.student.akd import BetaController
+
+    train = TrainConfig(batch_size=2, grad_accum=2, epochs=1, save_steps=100, lr=1e-3)
+    result = run(cache_and_student, tmp_path, AKD(beta=0.3), train)
+    steps = N_SAMPLES // (2 * 2)
+    assert result["steps"] == steps
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    entries = [e for e in log if "fkl" in e]
+    assert len(entries) == steps
+    replay = BetaController(beta_init=0.3)
+    replay.start_epoch(0)
+    for entry in entries:
+        assert entry["beta_used"] == pytest.approx(replay.beta, abs=1e-7)
+        replay.step(torch.tensor(entry["fkl"]), torch.tensor(entry["rkl"]))
+        assert entry["beta"] == pytest.approx(replay.beta, abs=1e-6)

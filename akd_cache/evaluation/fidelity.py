@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from akd_cache.config import FidelityConfig
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.loss import topk_divergences
 
@@ -34,8 +35,7 @@ EXACT_METRICS = ("fkl", "rkl", "top1_agreement")
 STUDENT_METRICS = ("nll", "student_tail_mass")
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
-DEFAULT_CHUNK_POSITIONS = 512
-DEFAULT_BATCH_SIZE = 8
+DEFAULTS = FidelityConfig()  # the profile's defaults, for a caller without a profile
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def per_sample_fidelity(
     cache: TeacherCache,
     teacher: PreTrainedModel | None = None,
     temperature: float = 1.0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    chunk_positions: int = DEFAULT_CHUNK_POSITIONS,
+    batch_size: int = DEFAULTS.batch_size,
+    chunk_positions: int = DEFAULTS.chunk_positions,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-sample length-normalised metrics, model name -> metric -> [samples], in cache order.
 

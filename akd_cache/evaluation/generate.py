@@ -27,11 +27,13 @@ def decoding(cfg: EvalConfig) -> Decoding:
     )
 
 
-def generator_factory(model_dir: Path, cfg: EvalConfig) -> Callable[[], TextGenerator]:
+def generator_factory(model_dir: Path, cfg: EvalConfig, revision: str | None = None
+                      ) -> Callable[[], TextGenerator]:
     """The backend `cfg.backend` names, on `cfg`'s device, dtype and memory share."""
     return generation.generator_factory(
         str(model_dir), cfg.backend, dtype=cfg.dtype, device=cfg.device,
-        memory_utilization=cfg.vllm_memory_utilization, batch_size=cfg.batch_size,
+        memory_utilization=cfg.vllm_memory_utilization, revision=revision,
+        batch_size=cfg.batch_size,
     )
 
 

@@ -30,12 +30,16 @@ def taxonomy_json(summary) -> dict:
 SETTINGS_FILE = "eval_settings.json"
 
 
-def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig) -> dict:
-    """Per dataset: samples (resumable), a fresh evalplus run, the taxonomy of the failures."""
-    settings = {"model": weights_sha256(str(model_dir)), "eval": cfg.model_dump()}
+def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig, revision: str | None = None
+                   ) -> dict:
+    """Per dataset: samples (resumable), a fresh evalplus run, the taxonomy of the failures.
+    A hub model has no local weights to hash, so its `revision` stands in the settings that
+    decide whether earlier samples still count."""
+    settings = {"model": weights_sha256(str(model_dir)), "revision": revision,
+                "eval": cfg.model_dump()}
     discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"))
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    generator = generator_factory(model_dir, cfg)
+    generator = generator_factory(model_dir, cfg, revision)
     datasets, taxonomy = {}, {}
     for dataset in cfg.datasets:
         samples = generate_samples(generator, dataset, out / f"{dataset}_samples.jsonl", cfg)

@@ -23,7 +23,6 @@ from akd_cache import jsonl
 from akd_cache.errors import CacheError
 from akd_cache.store.lock import WriterLock
 
-DEFAULT_ROOT = "storage/teacher-generations"
 GENERATIONS_FILE = "generations.jsonl"
 META_FILE = "meta.json"
 COMPLETE_FILE = "complete.json"
@@ -43,14 +42,8 @@ class Generation:
     truncated: bool  # max_new_tokens ran out before EOS or a stop
 
 
-def generations_location(key: str, root: str = DEFAULT_ROOT) -> Path:
+def generations_location(key: str, root: str) -> Path:
     return Path(root) / key
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def check_or_init(folder: Path, key: str, ingredients: dict) -> None:
@@ -65,7 +58,7 @@ def check_or_init(folder: Path, key: str, ingredients: dict) -> None:
             )
         return
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(meta, {"key": key, "ingredients": ingredients})
+    jsonl.write_json(meta, {"key": key, "ingredients": ingredients})
 
 
 def is_complete(folder: Path) -> bool:
@@ -91,7 +84,7 @@ def append(folder: Path, generations: Iterable[Generation]) -> None:
 
 def mark_complete(folder: Path) -> None:
     done = read_so_far(folder)
-    _write_json(folder / COMPLETE_FILE, {
+    jsonl.write_json(folder / COMPLETE_FILE, {
         "n_samples": len(done),
         "n_truncated": sum(g.truncated for g in done),
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -54,6 +54,20 @@ def damage_error(location: str, damage: list[Damage]) -> DamageError:
     return DamageError(f"{damage[0].line(location)}{more}; {REPAIR_HINT.format(location=location)}")
 
 
+def open_cache(location: str, mode: str = "r") -> tuple[zarr.Group, fmt.CacheMeta]:
+    """The cache group at `location` and its attributes, checked to name a cache (`check_identity`),
+    or a one-line `CacheError` naming the location: what every reader of a cache opens it with."""
+    try:
+        group = fmt.open_cache_group(location, mode=mode)
+    except FileNotFoundError:  # zarr's GroupNotFoundError (an empty folder) included
+        raise CacheError(f"{location}: no teacher cache there") from None
+    meta = fmt.CacheMeta.read(group, location)
+    if meta is None:
+        raise CacheError(f"{location}: not an akd-cache teacher cache (no '{fmt.ATTRS}' attrs)")
+    check_identity(meta, location)
+    return group, meta
+
+
 def check_identity(meta: fmt.CacheMeta, location: str) -> None:
     """Refuse a cache whose key is not the hash of its stored ingredients (an edited key or
     ingredient), or one written in another format version."""

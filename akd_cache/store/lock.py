@@ -70,7 +70,11 @@ class WriterLock:
                     self.fs.pipe_file(self.path, body, mode="create")
                 return self
             except FileExistsError:
-                holder = json.loads(self.fs.cat_file(self.path) or b"{}")
+                try:
+                    held = self.fs.cat_file(self.path)
+                except FileNotFoundError:
+                    continue  # its holder released it since: try to take it again now
+                holder = json.loads(held or b"{}")
                 if not (self.break_lock or self._stale(holder)):
                     if time.monotonic() < deadline:
                         time.sleep(POLL_S)
@@ -80,7 +84,17 @@ class WriterLock:
                         f"{holder.get('host')}, pid {holder.get('pid')}); if it is gone, "
                         "re-run with --break-lock"
                     ) from None
+                self._remove_if_unchanged(held)
+
+    def _remove_if_unchanged(self, held: bytes) -> None:
+        """Remove the lock judged stale or broken only if it still holds what was judged: another
+        waiter that judged it too may have removed it and taken the lock since, and its fresh
+        lock must stand (this narrows the race to the gap between this read and the remove)."""
+        try:
+            if self.fs.cat_file(self.path) == held:
                 self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass  # another waiter removed it first; the next create decides who takes it
 
     def __exit__(self, *exc: object) -> None:
         if self.fs.exists(self.path):

@@ -107,14 +107,7 @@ class TeacherCache:
     ) -> None:
         """`check_files=False` skips the presence check of every shard, for `akd inspect`,
         which reports damage itself."""
-        try:
-            self.group = fmt.open_cache_group(location, mode="r")
-        except FileNotFoundError:
-            raise CacheError(f"{location}: no teacher cache there") from None
-        meta = fmt.CacheMeta.read(self.group, location)
-        if meta is None:
-            raise CacheError(f"{location}: not an akd-cache teacher cache (no '{fmt.ATTRS}' attrs)")
-        integrity.check_identity(meta, location)
+        self.group, meta = integrity.open_cache(location)
         if not meta.complete and not allow_incomplete:
             done = int(self.group["shard_done"][:].sum())
             raise CacheError(

@@ -26,7 +26,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from akd_cache import __version__
-from akd_cache.errors import CacheError, ConfigError, DamageError, ModelError
+from akd_cache.errors import CacheError, ConfigError, DamageError, DataError, ModelError
 from akd_cache.store import format as fmt
 from akd_cache.store import integrity
 from akd_cache.store.key import CacheIngredients, hash_key
@@ -99,10 +99,15 @@ def open_or_init(
 
     Only a new cache calls `teacher`, to calibrate the vocabulary renumbering.
     """
-    plan = plan_shards([s.n_loss_rows for s in samples], shard_rows)
     group = fmt.open_cache_group(location, mode="a")
-    fresh = new_meta(ingredients, samples, plan, vocab_size)
     raw = group.attrs.get(fmt.ATTRS)
+    stored_rows = stored_shard_rows(group) if raw is not None else None
+    if stored_rows is not None and stored_rows != shard_rows:
+        log.warning("%s: laid out in shards of %d rows; it continues in them (cache.shard_tokens "
+                    "%d lays out new caches only)", location, stored_rows, shard_rows)
+        shard_rows = stored_rows
+    plan = plan_shards([s.n_loss_rows for s in samples], shard_rows)
+    fresh = new_meta(ingredients, samples, plan, vocab_size)
     if raw is not None:
         meta = stored_meta(group, location, raw, fresh)
         repair(group, location, meta, samples, plan, vocab_size)
@@ -186,11 +191,37 @@ def write_tables(
     return tokens
 
 
+def stored_shard_rows(group: zarr.Group) -> int | None:
+    """The shard size the cache was laid out in, from its arrays (its attributes may be damaged):
+    no key ingredient, so an experiment that asks for another one shares the cache, and its
+    shards must go where the stored tables put each sample's rows. None if the array is
+    missing (damage, which `repair` names)."""
+    try:
+        return group["rows/ids"].shards[0]
+    except KeyError:
+        return None
+
+
+def check_layout(group: zarr.Group, location: str, fresh: fmt.CacheMeta) -> None:
+    """Refuse a cache whose stored shard count is not what its own layout plans for these
+    samples: writing into it would put samples' rows where the tables say other samples' are."""
+    try:
+        stored = group["shard_done"].shape[0]
+    except KeyError:
+        return  # a missing array is damage: `repair` names it
+    if stored != fresh.n_shards:
+        raise IncompatibleCacheError(
+            f"{location}: shard_done has {stored} shards, but these samples in shards of "
+            f"{fresh.shard_rows} rows take {fresh.n_shards}; move that folder away to rebuild it"
+        )
+
+
 def stored_meta(group: zarr.Group, location: str, raw: object, fresh: fmt.CacheMeta
                 ) -> fmt.CacheMeta:
-    """The stored attributes, if they are this cache's. Attributes that fail their checks but
-    still name this cache (by the stored key, or by the hash of the stored ingredients) are
-    restored from `fresh`, keeping their creation time."""
+    """The stored attributes, if they are this cache's, laid out as `fresh` plans (in the stored
+    shard size: `open_or_init`). Attributes that fail their checks but still name this cache
+    (by the stored key, or by the hash of the stored ingredients) are restored from `fresh`,
+    keeping their creation time."""
     raw = raw if isinstance(raw, dict) else {}
     stored = raw.get("ingredients")
     names = {raw.get("key"), hash_key(stored) if isinstance(stored, dict) else None}
@@ -199,6 +230,7 @@ def stored_meta(group: zarr.Group, location: str, raw: object, fresh: fmt.CacheM
             f"{location}: holds cache {raw.get('key')}, not {fresh.key}; "
             "a cache location is tied to its key; move that folder away or change cache.root"
         )
+    check_layout(group, location, fresh)
     try:
         meta = fmt.CacheMeta.read(group, location)
         integrity.check_identity(meta, location)
@@ -326,6 +358,13 @@ def fill(
     teacher. Workers starting together wait for whichever of them initialises the cache. With a
     `shard_runner` the shards are filled by it, while this process holds the lock and finalizes.
     """
+    if not samples:
+        raise DataError(f"{location}: no samples to cache; was every one dropped by tokenisation "
+                        "(cache.max_length, cache.truncation)?")
+    if shard_rows > fmt.INNER_CHUNK_ROWS and shard_rows % fmt.INNER_CHUNK_ROWS:
+        raise ConfigError(f"cache.shard_tokens {shard_rows}: a shard holds whole chunks of "
+                          f"{fmt.INNER_CHUNK_ROWS} rows; use at most {fmt.INNER_CHUNK_ROWS} or a "
+                          "multiple of it")
     teacher = functools.cache(backend)
     lock_name = f"worker-{worker_index}-of-{num_workers}"
     with WriterLock(location, lock_name, break_lock):

@@ -18,12 +18,25 @@ import re
 import shutil
 from pathlib import Path
 
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from akd_cache.run_settings import discard_if_changed
+
 COMPLETE_MARKER = "checkpoint_complete.json"
+RUN_SETTINGS_FILE = "run_settings.json"  # the settings a run's checkpoints and log were made with
 CHECKPOINTS_KEPT = 2  # the last complete one to resume from, and one spare
 TEMP_SUFFIX = ".tmp"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def discard_changed_run(trainer: Trainer, out: Path, settings: dict, checkpoints: Path) -> None:
+    """Drop the checkpoints and log of a run made under other settings, so they are never
+    resumed. Under torchrun every rank gets here: one process removes, before any rank looks
+    for a checkpoint."""
+    if trainer.is_world_process_zero():
+        discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
+    trainer.accelerator.wait_for_everyone()
 
 
 def checkpoint_folder(root: Path, step: int) -> Path:

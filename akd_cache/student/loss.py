@@ -60,8 +60,6 @@ claim that the V - k other tokens are impossible; taken literally it makes RKL i
 as the student puts any mass there. Flooring it keeps RKL finite with a strong pull on that mass.
 """
 
-DEFAULT_CHUNK_SIZE = 1024
-
 
 class Divergences(NamedTuple):
     """Per-position divergences; masked or inactive positions hold zeros in all three fields."""
@@ -640,7 +638,7 @@ def fused_divergence_loss(
     target_ids: Tensor | None = None,
     temperature: float = 1.0,
     mode: TailMode = "bucket",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int,
     t2_scale: bool = False,
     log_tail_shape: Tensor | None = None,
     tail_code: Tensor | None = None,
@@ -689,7 +687,7 @@ def fused_live_divergence_loss(
     ce_coef: Tensor | None = None,
     target_ids: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int,
     t2_scale: bool = False,
 ) -> tuple[Tensor, Divergences]:
     """`fused_divergence_loss` against the live teacher: its hidden states at the same positions
@@ -748,12 +746,12 @@ def _fused(
 class LossSettings:
     """What the objective needs from an experiment and the profile's train settings."""
 
-    distill: bool  # False: cross-entropy alone (sft, seqkd), the teacher rows are never read
+    distill: bool  # False: cross-entropy alone (sft, seqkd); the rows feed only the logged FKL/RKL
     ce_weight: float
     tail_mode: TailMode
+    chunk_size: int
     temperature: float = 1.0
     t2_scale: bool = False
-    chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @classmethod
     def of(cls, experiment: Experiment, train: TrainConfig) -> LossSettings:
@@ -762,7 +760,8 @@ class LossSettings:
         if isinstance(experiment, DistillationExperiment):
             return cls(True, experiment.ce_weight, experiment.tail_mode or train.tail_mode,
                        **common)
-        return cls(False, 1.0, train.tail_mode, **common)
+        # sft and seqkd only log FKL/RKL, and no tail model is loaded for them: bucket needs none
+        return cls(False, 1.0, "bucket", **common)
 
 
 class CachedTeacher(NamedTuple):

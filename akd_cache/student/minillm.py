@@ -24,13 +24,11 @@ from akd_cache.config import MiniLLM, ModelRef, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
 from akd_cache.errors import ConfigError
-from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.key import tokenizer_fingerprint
+from akd_cache.student.checkpoints import discard_changed_run
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import peak_memory_mb
 from akd_cache.teacher.generate import prompts_sha256
-
-RUN_SETTINGS_FILE = "run_settings.json"
 
 
 def prompt_dataset(examples: Sequence[Example], template: str) -> Dataset:
@@ -82,7 +80,6 @@ def train_minillm(
     settings = {"teacher": teacher.model_dump(), "student": student_path,
                 "prompts_sha256": prompts_sha256(examples, template),
                 "experiment": experiment.model_dump(), "train": train.model_dump()}
-    discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
     trainer = MiniLLMTrainer(
         model=student,
         teacher_model=load_teacher(teacher, train.bf16),
@@ -91,6 +88,7 @@ def train_minillm(
         processing_class=tokenizer,
         callbacks=[JsonlLog(out / "log.jsonl")],
     )
+    discard_changed_run(trainer, out, settings, checkpoints)
     checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)

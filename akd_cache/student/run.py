@@ -17,17 +17,17 @@ from akd_cache.config import (
     TrainConfig,
 )
 from akd_cache.errors import CacheError, ConfigError
-from akd_cache.run_settings import discard_if_changed
 from akd_cache.store.reader import TeacherCache, collate, share_with_workers
 from akd_cache.student.akd import BetaController
 from akd_cache.student.cache_data import cache_dataset
 from akd_cache.student.checkpoints import (
     completed_step,
+    discard_changed_run,
     discard_checkpoints,
     last_complete_checkpoint,
 )
 from akd_cache.student.loss import CachedTailModel, LossSettings
-from akd_cache.student.seqkd_data import SeqKDDataset
+from akd_cache.student.seqkd_data import TOKENIZATION_FIELDS, SeqKDDataset
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
 from akd_cache.student.trainer import (
     DistillationModule,
@@ -37,7 +37,6 @@ from akd_cache.student.trainer import (
     peak_memory_mb,
 )
 
-RUN_SETTINGS_FILE = "run_settings.json"
 DEFAULT_CACHE = CacheConfig()
 
 
@@ -68,7 +67,7 @@ def cached_tail_model(
     the cache in the 'shape' or 'lowrank' mode (a distillation dataset is a `CacheDataset`)."""
     settings = LossSettings.of(experiment, train)
     online = isinstance(experiment, DistillationExperiment) and experiment.online
-    if not settings.distill or online or settings.tail_mode not in ("shape", "lowrank"):
+    if online or settings.tail_mode not in ("shape", "lowrank"):
         return CachedTailModel()
     cache = dataset.cache
     if settings.tail_mode == "shape":
@@ -111,7 +110,8 @@ def train_experiment(
                 "experiment": experiment.model_dump(), "train": train.model_dump()}
     if online:
         settings["teacher"] = teacher.model_dump()
-    discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
+    if isinstance(experiment, SeqKD):  # tokenised here: the generations' key does not say how
+        settings["tokenization"] = cache_cfg.model_dump(include=TOKENIZATION_FIELDS)
     if train.dataloader_workers:
         share_with_workers()
     trainer = DistillTrainer(
@@ -123,6 +123,7 @@ def train_experiment(
         controller=controller,
         log_path=out / "log.jsonl",
     )
+    discard_changed_run(trainer, out, settings, checkpoints)
     checkpoint = last_complete_checkpoint(checkpoints)
     if checkpoint:
         load_beta_state(controller, checkpoint)

@@ -6,7 +6,8 @@ tokenises references (prompt + response + EOS, the loss on the response and the 
 max_length and truncation policy). A response that ran out of max_new_tokens never ended, so it
 gets no EOS, as `truncate_response` treats a cut reference. Each sample is a `CachedSample`
 whose teacher rows are k = 1 placeholders (all mass on token 0, an empty tail), so the logit
-cache's `collate` and the trainer take it unchanged; the trainer's `sft` method never reads them.
+cache's `collate` and the trainer take it unchanged. The `seqkd` loss is the cross-entropy alone;
+the FKL and RKL it logs (bucket tail mode) are against these placeholders and mean nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from akd_cache.store.reader import CachedSample
 from akd_cache.store.rows import TokenizedSample
 
 PLACEHOLDER_K = 1
+TOKENIZATION_FIELDS = frozenset({"template", "max_length", "truncation"})
+"""The `CacheConfig` settings that decide the samples' tokens (what `tokenize_split` reads)."""
 EMPTY_RESPONSE = "empty teacher response"
 
 

@@ -128,6 +128,7 @@ class DistillTrainer(Trainer):
         self.log_path = log_path
         self._sums: dict[str, float] = {}
         self._count = 0
+        self._accumulated: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (fkl, rkl)
         self.tokens_seen = 0
         self._start = time.perf_counter()
         self.add_callback(BetaCallback(controller))
@@ -194,13 +195,23 @@ class DistillTrainer(Trainer):
         if model.training:
             fkl = self.accelerator.reduce(out.fkl.detach(), "mean")
             rkl = self.accelerator.reduce(out.rkl.detach(), "mean")
-            self.controller.step(fkl, rkl)
+            self._step_beta(fkl, rkl)
             for name, value in (("fkl", fkl), ("rkl", rkl), ("teacher_tail_mass", out.teacher_tail),
                                 ("student_tail_mass", out.student_tail), ("beta_used", beta)):
                 self._sums[name] = self._sums.get(name, 0.0) + float(value)
             self._count += 1
             self.tokens_seen += int(out.tokens)
         return (out.loss, out) if return_outputs else out.loss
+
+    def _step_beta(self, fkl: torch.Tensor, rkl: torch.Tensor) -> None:
+        """One step of beta per optimizer step (docs/method.md §4), from the means over its
+        micro-batches: with gradient accumulation the Trainer calls `compute_loss` once per
+        micro-batch, and marks the last one by `sync_gradients`."""
+        self._accumulated.append((fkl, rkl))
+        if self.accelerator.sync_gradients:
+            fkls, rkls = zip(*self._accumulated)
+            self.controller.step(torch.stack(fkls).mean(), torch.stack(rkls).mean())
+            self._accumulated = []
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._count:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import DroppedRow, Example
 from akd_cache.data.tokenize import tokenize_split
-from akd_cache.errors import CacheError
+from akd_cache.errors import CacheError, DataError
 from akd_cache.models.resolve import resolve_model
 from akd_cache.models.vocab import check_top_k, model_vocab_size
 from akd_cache.store.key import CacheIngredients, samples_sha256
@@ -149,6 +149,11 @@ def build_cache(
     check_top_k(cache.k, vocab_size, teacher_path)
     tokenizer = load_tokenizer(teacher_path, teacher.revision)
     tokenized = tokenize_split(tokenizer, examples, cache)
+    if examples and not tokenized.samples:
+        first = tokenized.dropped[0]
+        raise DataError(f"{split} split: all {len(examples)} samples were dropped by tokenisation "
+                        f"(cache.max_length {cache.max_length}, cache.truncation "
+                        f"{cache.truncation!r}); the first, {first.sample_id}: {first.reason}")
     ingredients = make_ingredients(
         teacher=teacher, teacher_path=teacher_path, tokenizer=tokenizer, data=data,
         dataset_sha256=dataset_sha256, samples=tokenized.samples, cache=cache, split=split,

@@ -33,7 +33,6 @@ from akd_cache.teacher.identity import teacher_identity
 
 FORMAT_VERSION = 1
 GREEDY = "greedy"
-DEFAULT_MAX_NEW_TOKENS = 512  # CacheConfig.max_length: anything longer is cut at training
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def make_generation_ingredients(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     template: str,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int,
     stops: Sequence[str] = DEFAULT_STOPS,
 ) -> GenerationIngredients:
     return GenerationIngredients(
@@ -146,6 +145,4 @@ def _generate_into(
     try:
         generations.append(folder, finished())
     finally:
-        close = getattr(teacher, "close", None)  # engines with processes to shut down
-        if close is not None:
-            close()
+        generation.shut_down(teacher)

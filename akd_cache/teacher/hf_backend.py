@@ -1,10 +1,11 @@
 """The transformers teacher backend: one forward pass per length-bucketed batch, then the lm head
 applied to the loss rows only, a chunk of rows at a time.
 
-Only the hidden states of the loss rows go through the lm head, and never more than
-`LOGIT_CHUNK_BYTES` of float32 logits exist at once, so [batch, seq, vocab] is never held. The
-tail mass is a logsumexp over the logits outside the top-k, which keeps full precision even when
-the tail is far below float32's resolution near 1.
+Only the hidden states of the loss rows go through the lm head, so [batch, seq, vocab] is never
+held: a chunk's float32 logits take `LOGIT_CHUNK_BYTES`, and with the copy that masks the top-k
+and logsumexp's temporary beside them the peak is about three times that. The tail mass is a
+logsumexp over the logits outside the top-k, which keeps full precision even when the tail is far
+below float32's resolution near 1.
 """
 
 from __future__ import annotations

@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import ray
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from akd_cache.store.format import open_cache_group
+from akd_cache.store.format import TailCode, open_cache_group
 from akd_cache.store.rows import TeacherBackend, TeacherRows, TokenizedSample
 from akd_cache.store.writer import ShardPlan, fill_shard
 
@@ -53,6 +54,12 @@ class ShardWorker:
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
         return self.teacher().score(samples)
 
+    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
+        return self.teacher().mean_tail(samples)
+
+    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
+        return self.teacher().fit_tail_code(samples, rank)
+
     def fill(self, plan: ShardPlan, shard: int) -> int:
         group = open_cache_group(self.location, mode="r+")
         fill_shard(group, plan, shard, self.samples, self.teacher())
@@ -60,13 +67,25 @@ class ShardWorker:
 
 
 class RemoteTeacher:
-    """A `TeacherBackend` that scores on an actor: the driver calibrates without a teacher."""
+    """The teacher on an actor, as the driver calibrates with it: it scores, and measures the
+    tail shape and fits the tail code on the actor's backend (an hf teacher: the profile
+    refuses those settings for any other), so the driver never loads a teacher."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
 
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
         return ray.get(self.actor.score.remote(samples))
+
+    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
+        return ray.get(self.actor.mean_tail.remote(samples))
+
+    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
+        return ray.get(self.actor.fit_tail_code.remote(samples, rank))
+
+    def use_tail_code(self, code: TailCode | None) -> None:
+        """Nothing to do: each actor reads the code from the cache before it fills a shard
+        (`store.writer.fill_shard`)."""
 
 
 class RayTeacherPool:
