@@ -287,6 +287,13 @@ class EvalConfig(Strict):
     taxonomy_workers: int = Field(2, gt=0)
 
     @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalConfig:
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError(f"eval.n_samples {self.n_samples} at eval.temperature 0 (greedy) "
+                             "gives identical samples: set a temperature > 0, or n_samples 1")
+        return self
+
+    @model_validator(mode="after")
     def _backend_settings(self) -> EvalConfig:
         refuse_other_backends(self, "eval", self.backend, "eval.backend", {
             "hf": ("device", "batch_size"), "vllm": ("vllm_memory_utilization",)})

@@ -24,6 +24,7 @@ from akd_cache.errors import ConfigError
 from akd_cache.evaluation.fidelity import per_sample_fidelity, summarise
 from akd_cache.models.resolve import resolve_model
 from akd_cache.store.reader import TeacherCache
+from akd_cache.student.setup import load_frozen_teacher
 from akd_cache.teacher.build import check_cache_settings
 from akd_cache.teacher.hf_backend import DTYPES
 from stages.common import (
@@ -58,8 +59,8 @@ def model_paths(params: Params, names: list[str] | None) -> dict[str, str]:
     return paths
 
 
-def load(path: str, dtype: torch.dtype, revision: str | None = None) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision).eval()
+def load(path: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_teacher:
         teacher_path = resolve_model(profile.teacher.model, "teacher.model",
                                      profile.teacher.revision)
-        teacher = load(teacher_path, DTYPES[profile.teacher.dtype], profile.teacher.revision)
-    students = {name: load(path, torch.float32) for name, path in paths.items()}
+        teacher = load_frozen_teacher(profile.teacher.model_copy(update={"model": teacher_path}),
+                                      DTYPES[profile.teacher.dtype])
+    students = {name: load(path) for name, path in paths.items()}
     settings = profile.fidelity
     per_sample = per_sample_fidelity(
         students, cache, teacher, temperature=profile.train.temperature,

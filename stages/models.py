@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     if student.keep_teacher_layers is None:
         resolve_model(student.model, "student.model")
     else:
-        save_pruned_student(teacher, Path(student.model), student.keep_teacher_layers)
+        save_pruned_student(teacher, Path(student.model), student.keep_teacher_layers,
+                            profile.teacher.revision)
     write_json(MODELS_DIR / "manifest.json", {
         "teacher": teacher,
         "student": student.model,

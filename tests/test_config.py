@@ -208,3 +208,12 @@ def test_generate_batch_size_is_the_hf_teachers_only(tmp_path):
         load_params(write(tmp_path, doc))
     doc["profiles"]["p"]["teacher"]["backend"] = "hf"
     assert load_params(write(tmp_path, doc)).active.generate.batch_size == 16
+
+
+def test_several_greedy_samples_are_refused_at_load(tmp_path):
+    doc = minimal()
+    doc["profiles"]["p"]["eval"] = {"n_samples": 4}
+    with pytest.raises(ConfigError, match=r"eval.n_samples 4 at eval.temperature 0 \(greedy\)"):
+        load_params(write(tmp_path, doc))
+    doc["profiles"]["p"]["eval"]["temperature"] = 0.8
+    assert load_params(write(tmp_path, doc)).active.eval.n_samples == 4

@@ -86,6 +86,10 @@ def test_samples_file_is_written_and_resumed(tiny_models, tmp_path):
 
     generate_samples(must_not_load, "humaneval", out, cfg)
     assert out.read_text() == before
+    # a resume makes the solutions again from the raw text: post-processing changes reach them
+    out.write_text("".join(json.dumps({**row, "solution": "STALE"}) + "\n" for row in rows))
+    generate_samples(must_not_load, "humaneval", out, cfg)
+    assert out.read_text() == before
 
 
 def test_prompts_follow_the_templates(humaneval):

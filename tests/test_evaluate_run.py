@@ -26,6 +26,8 @@ def test_a_random_model_scores_zero_and_every_failure_is_classified(tiny_models,
     raws = [json.loads(r)["raw"] for r in (tmp_path / "humaneval_samples.jsonl").read_text()
             .splitlines()]
     assert len(raws) == 3 and all(len(raw) <= 12 for raw in raws)
+    # each dataset keeps the folder of its last scoring run only
+    assert [len(list(d.iterdir())) for d in (tmp_path / "scoring").iterdir()] == [1]
 
 
 def test_a_new_revision_of_the_model_makes_its_samples_again(tiny_models, tmp_path):

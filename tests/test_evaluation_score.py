@@ -127,3 +127,11 @@ def test_accuracy_loss_matches_the_paper():
     assert accuracy_loss(32.0, 30.4) == pytest.approx(0.05)
     assert accuracy_loss(20.0, 25.0) == pytest.approx(-0.25)  # a student above its teacher
     assert math.isnan(accuracy_loss(0.0, 0.0))
+
+
+def test_a_missing_data_file_is_one_line_naming_the_setting(tmp_path):
+    from akd_cache.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match=rf"^{tmp_path}/HumanEvalPlus.jsonl.gz: no "
+                                                r"humaneval data there \(eval.data_dir\)"):
+        load_problems("humaneval", tmp_path)

@@ -9,6 +9,7 @@ from tiny_models import fill_tiny_cache
 from transformers import AutoModelForCausalLM
 
 from akd_cache.config import CacheConfig
+from akd_cache.errors import ConfigError
 from akd_cache.evaluation.fidelity import bootstrap_interval, per_sample_fidelity
 from akd_cache.store.reader import TeacherCache
 from akd_cache.student.loss import topk_divergences
@@ -85,7 +86,7 @@ def test_without_a_teacher_only_the_cache_view_is_computed(heldout, tiny_models)
 def test_a_temperature_other_than_the_cache_is_refused(heldout, tiny_models):
     cache, _ = heldout
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
-    with pytest.raises(ValueError, match="temperature 2.0"):
+    with pytest.raises(ConfigError, match=r"2.0, fidelity asks for train.temperature 1"):
         per_sample_fidelity({"s": student}, cache, None, temperature=1.0)
 
 

@@ -217,3 +217,20 @@ def test_a_cache_run_never_loads_the_teacher(full_cache, tmp_path, monkeypatch):
                          "kd", teacher=teacher)
     with pytest.raises(ValueError, match="needs the teacher model"):
         train_experiment(location, student_path, KD(online=True), TRAIN, tmp_path / "x", "kd")
+
+
+@pytest.mark.parametrize("setting", ["logit_scale", "final_logit_softcapping"])
+def test_a_teacher_that_scales_or_caps_its_logits_is_refused_live(tiny_models, tmp_path,
+                                                                  setting):
+    """Online training and `akd fidelity` compute the teacher's logits as W h: a teacher whose
+    own forward scales or caps them would be measured wrong, so it is refused by name."""
+    from akd_cache.errors import ConfigError
+    from akd_cache.student.setup import load_frozen_teacher
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]))
+    setattr(model.config, setting, 2.0)
+    model.save_pretrained(tmp_path / "scaled")
+    with pytest.raises(ConfigError, match=rf"{setting} is not supported for a live teacher"):
+        load_frozen_teacher(ModelRef(model=str(tmp_path / "scaled")), torch.float32)
+    plain = load_frozen_teacher(ModelRef(model=str(tiny_models["llama"])), torch.float32)
+    assert not plain.training and not any(p.requires_grad for p in plain.parameters())

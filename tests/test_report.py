@@ -16,7 +16,7 @@ from akd_cache.config import Params
 from akd_cache.report import runs as report_runs
 from akd_cache.report.markdown import NOT_RUN
 from akd_cache.report.plots import PLOT_FILES, series
-from akd_cache.report.rows import Row, main_rows
+from akd_cache.report.rows import Row, fixed_beta_rows, main_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 5_000  # an empty 7x4 inch canvas at 120 dpi is smaller than any real plot
@@ -348,3 +348,28 @@ def test_parity_pairs_each_online_run_with_its_cache_twin(full):
     rows = table(sections(markdown)["Parity"])
     assert rows["`kd` vs `kd_online`"] == ["kd", "2.200", "2.000", "+10.0%", "3.000", "4.000",
                                            "-25.0%", "0.200 / -"]
+
+
+def test_table_12_takes_cache_runs_only():
+    """A fixed-beta run against the live teacher is no row of Table 12 beside its cache twin."""
+    doc = params_doc()
+    doc["experiments"] = {"b3": {"method": "fixed_beta", "beta": 0.3},
+                          "b3_online": {"method": "fixed_beta", "beta": 0.3, "online": True}}
+    params = Params.model_validate(doc)
+    evals = {name: eval_metrics("kd") for name in ("teacher", "b3", "b3_online")}
+    assert fixed_beta_rows(params, evals) == [Row("β = 0.3", "b3")]
+
+
+def test_runs_of_models_params_does_not_name_are_left_out(tmp_path, monkeypatch):
+    """An experiment since removed from params leaves its folders under runs/ (DVC does not
+    delete them): they are no row of any table, and no series of any plot."""
+    write_runs(tmp_path, ["teacher", "kd"], with_extras=False)
+    runs = tmp_path / "runs"
+    write_json(runs / "eval" / "kd_last_week" / "metrics.json", eval_metrics("kd"))
+    write_json(runs / "fidelity" / "kd_last_week.json", {"model": "kd_last_week", "metrics": {
+        "fkl": {"mean": 1.0, "ci_low": 0.9, "ci_high": 1.1}}})
+    (runs / "train" / "kd_last_week").mkdir(parents=True)
+    (runs / "train" / "kd_last_week" / "log.jsonl").write_text(train_log("kd"))
+    markdown = run_stage(tmp_path, monkeypatch, None)
+    assert "kd_last_week" not in markdown
+    assert list(by_run(table(sections(markdown)["Table 5"]))) == ["teacher", "kd"]

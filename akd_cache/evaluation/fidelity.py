@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from akd_cache.config import FidelityConfig
+from akd_cache.errors import ConfigError
 from akd_cache.store.reader import TeacherCache, collate
 from akd_cache.student.loss import topk_divergences
 
@@ -113,9 +114,10 @@ def per_sample_fidelity(
     """
     cache_temperature = cache.ingredients["temperature"]
     if cache_temperature != temperature:
-        raise ValueError(
+        raise ConfigError(
             f"{cache.location}: the held-out cache is at temperature {cache_temperature}, "
-            f"fidelity asks for {temperature}; build the held-out cache at that temperature"
+            f"fidelity asks for train.temperature {temperature}; build the held-out cache at "
+            "that temperature (cache.temperature)"
         )
     shape = None if cache.log_tail_shape is None else torch.from_numpy(cache.log_tail_shape)
     code = cache.tail_code

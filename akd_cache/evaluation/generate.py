@@ -37,28 +37,31 @@ def generator_factory(model_dir: Path, cfg: EvalConfig, revision: str | None = N
     )
 
 
-def _existing(out_path: Path, n_samples: int) -> set[str]:
+def _existing(out_path: Path, n_samples: int, problems: dict[str, Problem]) -> set[str]:
     """Task ids already complete in `out_path`. Rows of unfinished tasks and a line cut by a
-    crash are dropped from the file, so they are generated again."""
+    crash are dropped from the file, so they are generated again; the kept rows' solutions are
+    made again from their raw text, so a change to the post-processing reaches them."""
     if not out_path.exists():
         return set()
     rows = [row for row in jsonl.read_lines(out_path) if not isinstance(row, jsonl.BadLine)]
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_task[row["task_id"]].append(row)
-    done = {t for t, task_rows in by_task.items() if len(task_rows) >= n_samples}
-    kept = [row for row in rows if row["task_id"] in done]
+    done = {t for t, task_rows in by_task.items()
+            if t in problems and len(task_rows) >= n_samples}
+    kept = [_record(problems[row["task_id"]], row["raw"], row["truncated"])
+            for row in rows if row["task_id"] in done]
     jsonl.write(out_path, kept, ensure_ascii=True)  # evalplus reads it in the locale's encoding
     return done
 
 
+def _record(problem: Problem, raw: str, truncated: bool) -> dict:
+    return {"task_id": problem.task_id, "solution": to_solution(raw, problem, DEFAULT_STOPS),
+            "raw": raw, "truncated": truncated}
+
+
 def _row(problem: Problem, completion: Completion) -> str:
-    return json.dumps({
-        "task_id": problem.task_id,
-        "solution": to_solution(completion.text, problem, DEFAULT_STOPS),
-        "raw": completion.text,
-        "truncated": completion.truncated,
-    }) + "\n"
+    return json.dumps(_record(problem, completion.text, completion.truncated)) + "\n"
 
 
 def generate_samples(
@@ -69,9 +72,9 @@ def generate_samples(
     `generator` is called only when something is left to generate."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _existing(out_path, cfg.n_samples)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
+    done = _existing(out_path, cfg.n_samples, {p.task_id: p for p in problems})
     todo = [p for p in problems if p.task_id not in done]
     if not todo:
         return out_path

@@ -47,15 +47,22 @@ def prompt_imports(prompt: str) -> str:
     return "".join(ast.get_source_segment(prompt, n) + "\n" for n in nodes)
 
 
-def _entry_point_source(code: str, name: str) -> str:
+def top_level_function(code: str, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The function `name` defined at the top of `code`; None if absent or `code` does not
+    parse."""
     try:
         tree = ast.parse(code)
     except SyntaxError:
-        return ""
+        return None
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
-            return ast.get_source_segment(code, node) or ""
-    return ""
+            return node
+    return None
+
+
+def _entry_point_source(code: str, name: str) -> str:
+    node = top_level_function(code, name)
+    return "" if node is None else ast.get_source_segment(code, node) or ""
 
 
 def to_solution(

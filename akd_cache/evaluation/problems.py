@@ -16,6 +16,7 @@ from typing import Literal
 
 from akd_cache import jsonl
 from akd_cache.data.templates import render_prompt
+from akd_cache.errors import MissingInputError
 
 Dataset = Literal["humaneval", "mbpp"]
 DATA_FILES: dict[Dataset, str] = {
@@ -53,7 +54,12 @@ class Problem:
 def dataset_file(dataset: Dataset, data_dir: Path | None = None) -> Path:
     """The local file when `data_dir` is given, else evalplus's cached download (fetched once)."""
     if data_dir is not None:
-        return Path(data_dir) / DATA_FILES[dataset]
+        path = Path(data_dir) / DATA_FILES[dataset]
+        if not path.is_file():
+            raise MissingInputError(f"{path}: no {dataset} data there (eval.data_dir); put "
+                                    f"{DATA_FILES[dataset]} there, or set eval.data_dir: null to "
+                                    "let evalplus download it")
+        return path
     if dataset == "humaneval":
         from evalplus.data.humaneval import _ready_human_eval_plus_path as ready
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def taxonomy_json(summary) -> dict:
 
 
 SETTINGS_FILE = "eval_settings.json"
+SCORING_DIR = "scoring"  # evalplus's run folders, one per dataset, each replaced by the next run
 
 
 def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig, revision: str | None = None
@@ -43,7 +45,10 @@ def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig, revision: str | 
     datasets, taxonomy = {}, {}
     for dataset in cfg.datasets:
         samples = generate_samples(generator, dataset, out / f"{dataset}_samples.jsonl", cfg)
-        result = score(samples, dataset, data_dir=data_dir, allow_subset=cfg.n_tasks is not None)
+        scoring = out / SCORING_DIR / dataset  # the last scoring run only: each makes a folder
+        shutil.rmtree(scoring, ignore_errors=True)
+        result = score(samples, dataset, data_dir=data_dir, work_dir=scoring,
+                       allow_subset=cfg.n_tasks is not None)
         problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
         summary, rows = classify(attempts_from_scores(result.samples, problems),
                                  workers=cfg.taxonomy_workers)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
+from akd_cache.evaluation.postprocess import top_level_function
 from akd_cache.evaluation.problems import Problem
 from akd_cache.evaluation.sandbox import DEFAULT_LIMITS, Limits, Outcome, run_in_sandbox
 from akd_cache.evaluation.score import SampleResult
@@ -126,17 +127,6 @@ def importable_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _function(code: str, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return None
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
-            return node
-    return None
-
-
 def _is_placeholder(stmt: ast.stmt) -> bool:
     if isinstance(stmt, ast.Pass):
         return True
@@ -153,7 +143,7 @@ def _is_placeholder(stmt: ast.stmt) -> bool:
 def is_empty_function(code: str, name: str) -> bool:
     """The body is only placeholders: `pass`, `...`, a docstring, `return`, `return None`,
     `return 0`."""
-    function = _function(code, name)
+    function = top_level_function(code, name)
     return function is not None and all(_is_placeholder(s) for s in function.body)
 
 

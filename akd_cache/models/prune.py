@@ -50,8 +50,9 @@ def keep_layers(model: PreTrainedModel, keep: int) -> PreTrainedModel:
     return model
 
 
-def save_pruned_student(teacher: str, out: Path, keep: int) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+def save_pruned_student(teacher: str, out: Path, keep: int, revision: str | None = None) -> Path:
+    """The student built from the teacher at `revision`: the one that built the cache."""
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, revision=revision)
     keep_layers(model, keep).save_pretrained(out)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher, revision=revision).save_pretrained(out)
     return out

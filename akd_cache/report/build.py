@@ -14,7 +14,7 @@ from pathlib import Path
 from akd_cache.config import Params
 from akd_cache.report.markdown import MISSING, section
 from akd_cache.report.plots import plots_section, write_plots
-from akd_cache.report.rows import TEACHER
+from akd_cache.report.rows import TEACHER, report_models
 from akd_cache.report.runs import RunData, load_runs
 from akd_cache.report.tables import (
     DATASETS,
@@ -150,7 +150,7 @@ def build_report(
     params: Params, runs_dir: Path, report_dir: Path, train_dir: Path | None = None
 ) -> ReportFiles:
     """Read the runs, draw the plots, write `report.md`; the caller writes `summary`."""
-    data = load_runs(runs_dir, train_dir)
+    data = load_runs(runs_dir, report_models(params), train_dir)
     plots = write_plots(params, data, report_dir / "plots")
     markdown = report_dir / "report.md"
     report_dir.mkdir(parents=True, exist_ok=True)

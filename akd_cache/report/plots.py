@@ -1,5 +1,6 @@
-"""The report's four plots (beta per step, training loss, pass@1, the teacher's tail mass) and
-the markdown section that shows them. A plot with nothing to draw is left out."""
+"""The report's plots (held-out divergence from the teacher, beta per step, training loss,
+pass@1, the teacher's tail mass) and the markdown section that shows them. A plot with nothing
+to draw is left out."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def fixed_beta_rows(params: Params, evals: dict[str, dict]) -> list[Row]:
     exps, have = params.experiments, evals.keys()
     fixed = sorted(
         (exp.beta, name) for name, exp in exps.items()
-        if exp.method == "fixed_beta" and exp.lora is None and name in have
+        if exp.method == "fixed_beta" and exp.lora is None and not is_online(exp) and name in have
     )
     return _rows([
         ("β = 0 (KD)", find_experiment(exps, have, "kd", preferred="kd")),
@@ -120,8 +120,12 @@ def fixed_beta_rows(params: Params, evals: dict[str, dict]) -> list[Row]:
     ])
 
 
+def report_models(params: Params) -> list[str]:
+    """Every model a report can show: teacher, student, then experiments in params order."""
+    return [TEACHER, STUDENT, *params.experiments]
+
+
 def model_order(params: Params, names: Iterable[str]) -> list[str]:
-    """Teacher, student, then experiments in params order, then anything else by name."""
+    """`names` in the report's order (`report_models`)."""
     names = set(names)
-    first = [TEACHER, STUDENT, *params.experiments]
-    return [n for n in first if n in names] + sorted(names - set(first))
+    return [n for n in report_models(params) if n in names]

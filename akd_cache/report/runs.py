@@ -4,6 +4,7 @@ template analysis and the teacher cache's tail histogram. Anything missing reads
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +54,21 @@ def load_tail_histogram(pointer_path: Path) -> dict | None:
     return None if meta.stats is None else meta.stats.tail_mass_log10_hist.model_dump()
 
 
-def load_runs(runs_dir: Path, train_dir: Path | None = None) -> RunData:
+def load_runs(runs_dir: Path, models: Collection[str], train_dir: Path | None = None) -> RunData:
+    """The runs of `models` (the teacher, the student and the experiments of params): what an
+    experiment since removed from params, or another model, left under `runs/` is no row of
+    this report."""
     train_dir = runs_dir / "train" if train_dir is None else train_dir
     pointer_path = runs_dir / "teacher_cache.json"
+    fidelity = {p.stem: p for p in sorted((runs_dir / "fidelity").glob("*.json"))}
     return RunData(
         evals={m: json.loads(p.read_text()) for m, p in
-               _per_folder(runs_dir / "eval", "metrics.json").items()},
+               _per_folder(runs_dir / "eval", "metrics.json").items() if m in models},
         train={e: json.loads(p.read_text()) for e, p in
-               _per_folder(train_dir, "metrics.json").items()},
-        logs={e: read_log(p) for e, p in _per_folder(train_dir, "log.jsonl").items()},
-        fidelity={p.stem: json.loads(p.read_text())
-                  for p in sorted((runs_dir / "fidelity").glob("*.json"))},
+               _per_folder(train_dir, "metrics.json").items() if e in models},
+        logs={e: read_log(p) for e, p in _per_folder(train_dir, "log.jsonl").items()
+              if e in models},
+        fidelity={m: json.loads(p.read_text()) for m, p in fidelity.items() if m in models},
         templates=read_json(runs_dir / "template_analysis.json"),
         cache_pointer=read_json(pointer_path),
         tail_hist=load_tail_histogram(pointer_path),

@@ -47,15 +47,21 @@ def load_student(path: str, experiment: Experiment, bf16: bool = False) -> PreTr
     ))
 
 
-def load_teacher(teacher: ModelRef, bf16: bool = False) -> PreTrainedModel:
-    """The live teacher of an online run: frozen, in eval mode, in the student's dtype."""
+def load_frozen_teacher(teacher: ModelRef, dtype: torch.dtype) -> PreTrainedModel:
+    """The live teacher, frozen and in eval mode. Every live-teacher path computes its logits as
+    W h (+ b) from the hidden states, so a teacher that scales or caps them is refused."""
     model = AutoModelForCausalLM.from_pretrained(
-        teacher.model, revision=teacher.revision, dtype=training_dtype(bf16)
+        teacher.model, revision=teacher.revision, dtype=dtype
     )
     for setting in UNSUPPORTED_LOGIT_SETTINGS:
         if getattr(model.config, setting, None):
-            raise ConfigError(f"{teacher.model}: {setting} is not supported for an online teacher")
+            raise ConfigError(f"{teacher.model}: {setting} is not supported for a live teacher")
     return model.eval().requires_grad_(False)
+
+
+def load_teacher(teacher: ModelRef, bf16: bool = False) -> PreTrainedModel:
+    """The live teacher of an online run, in the student's dtype."""
+    return load_frozen_teacher(teacher, training_dtype(bf16))
 
 
 def training_arguments(
