@@ -83,8 +83,13 @@ def finish_train(workdir: Path, experiment: str) -> None:
 
 
 def incomplete_checkpoints(checkpoints: Path) -> list[int]:
-    return sorted(step for step, folder in checkpoint_folders(checkpoints).items()
-                  if not (folder / COMPLETE_MARKER).exists())
+    """Read while the run writes: the folder may vanish under the listing (a finished run
+    removes its checkpoints), which then lists none."""
+    try:
+        return sorted(step for step, folder in checkpoint_folders(checkpoints).items()
+                      if not (folder / COMPLETE_MARKER).exists())
+    except FileNotFoundError:
+        return []
 
 
 def _kill(proc: subprocess.Popen) -> None:

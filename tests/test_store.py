@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -382,6 +385,17 @@ def test_key_of_fixed_ingredients_is_stable():
     )
     assert ingredients.format_version == 5
     assert ingredients.key() == "391de1d0f9b941b77163"
+    # what it is the hash of, spelled out: every ingredient, nothing else
+    spelled = {
+        "teacher": "embedded:smollm2", "teacher_revision": None, "teacher_weights_sha256": "a" * 64,
+        "teacher_dtype": "float32", "tokenizer_sha256": "b" * 64, "dataset_sha256": "c" * 64,
+        "samples_sha256": "d" * 64, "split": "train", "heldout": 100, "split_seed": 0,
+        "max_train_samples": 96, "template": "alpaca_original", "max_length": 512,
+        "truncation": "truncate_response", "k": 64, "temperature": 1.0, "tail_shape": False,
+        "tail_rank": 0, "tail_code_fit": 2, "value_code_max": 100, "format_version": 5,
+    }
+    canonical = json.dumps(spelled, sort_keys=True).encode()
+    assert ingredients.key() == hashlib.sha256(canonical).hexdigest()[:20]
 
 
 def test_store_imports_no_higher_package():
@@ -410,6 +424,21 @@ def test_meta_is_the_one_schema_of_the_attributes(setup, reference_cache, tmp_pa
         setup["ingredients"].key(), K, len(setup["samples"]), n_rows)
     assert meta.ingredients == setup["ingredients"].to_dict()
     assert meta.stats.rows == n_rows == sum(meta.stats.tail_mass_log10_hist.counts)
+    # the stats against each decoded row, by hand: the tail mass's decade (the first bin takes
+    # everything below 1e-7), the top-k mass and the entropy of the top-k + tail buckets
+    counts, topk_mass, entropy = [0] * 8, 0.0, 0.0
+    for i in range(len(cache)):
+        sample = cache[i]
+        for lp, tail in zip(sample.topk_logprobs.astype(np.float64),
+                            sample.tail_logmass.astype(np.float64)):
+            mass = math.exp(tail)
+            decade = math.floor(math.log10(mass)) if mass > 0 else -8
+            counts[min(max(decade, -8), -1) + 8] += 1
+            topk_mass += 1 - mass
+            entropy -= sum(math.exp(v) * v for v in lp) + (mass * tail if mass > 0 else 0.0)
+    assert meta.stats.tail_mass_log10_hist.counts == counts
+    assert meta.stats.mean_topk_mass == pytest.approx(topk_mass / n_rows, rel=1e-9)
+    assert meta.stats.mean_entropy_nat == pytest.approx(entropy / n_rows, rel=1e-9)
     text = describe(cache, [])
     assert f"key        {meta.key}  (complete)" in text
     assert f"tokens     {meta.n_tokens} in sequences, {n_rows} teacher rows" in text

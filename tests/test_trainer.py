@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import fill_tiny_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from akd_cache.config import (
     AKD,
@@ -186,13 +186,32 @@ def test_a_student_with_another_tokenizer_is_refused(cache_and_student, tmp_path
                          tmp_path / "out", "x")
 
 
-def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_path):
-    first = run(cache_and_student, tmp_path, KD())
-    assert first["steps"] == 4
+def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_path,
+                                                          monkeypatch):
+    """A run interrupted after its step-2 checkpoint, then run again at another lr: it starts
+    over, and ends exactly where a fresh run at that lr ends."""
+    calls = {"n": 0}
+    original = DistillTrainer.compute_loss
+
+    def crash_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "compute_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cache_and_student, tmp_path / "run", KD())
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").exists()
     changed = TrainConfig(batch_size=4, max_steps=4, save_steps=2, lr=5e-4, chunk_size=37)
-    second = run(cache_and_student, tmp_path, KD(), changed)
-    assert second["steps"] == 4 and second["train_loss"] != first["train_loss"]
-    log = (tmp_path / "log.jsonl").read_text().splitlines()
+    second = run(cache_and_student, tmp_path / "run", KD(), changed)
+    fresh = run(cache_and_student, tmp_path / "fresh", KD(), changed)
+    assert second["steps"] == 4 and second["train_loss"] == fresh["train_loss"]
+    got = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    want = load_file(tmp_path / "fresh" / "model" / "model.safetensors")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len([line for line in log if '"fkl"' in line]) == 4  # the old run's log is gone
 
 
@@ -292,7 +311,8 @@ def test_only_the_main_process_discards_a_changed_runs_checkpoints(cache_and_stu
     monkeypatch.setattr(DistillTrainer, "train", interrupted)
     for main in (False, True):
         stale.mkdir(parents=True, exist_ok=True)
-        monkeypatch.setattr(DistillTrainer, "is_world_process_zero", lambda self, main=main: main)
+        monkeypatch.setattr(TrainingArguments, "process_index",
+                            property(lambda self, main=main: 0 if main else 1))
         with pytest.raises(KeyboardInterrupt):
             run(cache_and_student, tmp_path, KD())
         assert stale.exists() != main

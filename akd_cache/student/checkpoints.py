@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from akd_cache.run_settings import discard_if_changed
@@ -30,13 +30,14 @@ TEMP_SUFFIX = ".tmp"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def discard_changed_run(trainer: Trainer, out: Path, settings: dict, checkpoints: Path) -> None:
+def discard_changed_run(args: TrainingArguments, out: Path, settings: dict, checkpoints: Path
+                        ) -> None:
     """Drop the checkpoints and log of a run made under other settings, so they are never
-    resumed. Under torchrun every rank gets here: one process removes, before any rank looks
-    for a checkpoint."""
-    if trainer.is_world_process_zero():
-        discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
-    trainer.accelerator.wait_for_everyone()
+    resumed. Under torchrun every rank gets here: the main process removes them before any
+    rank looks for a checkpoint or builds its Trainer (which makes the output folder)."""
+    with args.main_process_first(local=False, desc="discarding a run of other settings"):
+        if args.process_index == 0:
+            discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
 
 
 def checkpoint_folder(root: Path, step: int) -> Path:

@@ -80,15 +80,16 @@ def train_minillm(
     settings = {"teacher": teacher.model_dump(), "student": student_path,
                 "prompts_sha256": prompts_sha256(examples, template),
                 "experiment": experiment.model_dump(), "train": train.model_dump()}
+    args = minillm_arguments(experiment, train, checkpoints)
+    discard_changed_run(args, out, settings, checkpoints)
     trainer = MiniLLMTrainer(
         model=student,
         teacher_model=load_teacher(teacher, train.bf16),
-        args=minillm_arguments(experiment, train, checkpoints),
+        args=args,
         train_dataset=prompt_dataset(examples, template),
         processing_class=tokenizer,
         callbacks=[JsonlLog(out / "log.jsonl")],
     )
-    discard_changed_run(trainer, out, settings, checkpoints)
     checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)

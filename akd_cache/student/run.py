@@ -114,16 +114,17 @@ def train_experiment(
         settings["tokenization"] = cache_cfg.model_dump(include=TOKENIZATION_FIELDS)
     if train.dataloader_workers:
         share_with_workers()
+    args = training_arguments(train, checkpoints)
+    discard_changed_run(args, out, settings, checkpoints)
     trainer = DistillTrainer(
         model=DistillationModule(student, experiment, train, live_teacher,
                                  cached_tail_model(experiment, train, dataset)),
-        args=training_arguments(train, checkpoints),
+        args=args,
         train_dataset=dataset,
         data_collator=collate,
         controller=controller,
         log_path=out / "log.jsonl",
     )
-    discard_changed_run(trainer, out, settings, checkpoints)
     checkpoint = last_complete_checkpoint(checkpoints)
     if checkpoint:
         load_beta_state(controller, checkpoint)
