@@ -24,7 +24,8 @@ def row_entropy(logprobs: np.ndarray, tail_logmass: np.ndarray) -> np.ndarray:
     lp = logprobs.astype(np.float64)
     tail = tail_logmass.astype(np.float64)
     tail_p = np.exp(tail)
-    return -(np.exp(lp) * lp).sum(1) - np.where(tail_p > 0, tail_p * tail, 0.0)
+    finite_tail = np.where(tail_p > 0, tail, 0.0)  # an empty tail (-inf) adds 0, not 0 * -inf
+    return -(np.exp(lp) * lp).sum(1) - tail_p * finite_tail
 
 
 def cache_stats(group: zarr.Group, location: str) -> fmt.CacheStats:
