@@ -25,7 +25,7 @@ from kill_resume_harness import (
     step_seconds,
 )
 from safetensors.torch import load_file
-from test_trainer import cache_and_student  # noqa: F401 (a fixture)
+from test_trainer import cache_and_student, interrupt_at_call  # noqa: F401 (a fixture)
 
 from akd_cache.config import AKD, TrainConfig
 from akd_cache.student.checkpoints import (
@@ -36,7 +36,7 @@ from akd_cache.student.checkpoints import (
     rotate_checkpoints,
 )
 from akd_cache.student.run import train_experiment
-from akd_cache.student.trainer import DistillTrainer, mean_step_loss
+from akd_cache.student.trainer import mean_step_loss
 
 MAX_STEPS = 8
 SAVE_STEPS = 2
@@ -109,16 +109,7 @@ def test_train_loss_and_logs_after_a_resume_with_sparse_logging(
                         chunk_size=37)
     location, student = cache_and_student
     straight = train_experiment(location, student, AKD(beta=0.1), train, tmp_path / "a", "a")
-    calls = {"n": 0}
-    original = DistillTrainer.compute_loss
-
-    def crash_at_step_6(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DistillTrainer, "compute_loss", crash_at_step_6)
+    interrupt_at_call(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train_experiment(location, student, AKD(beta=0.1), train, tmp_path / "b", "b")
     monkeypatch.undo()

@@ -54,6 +54,20 @@ def run(cache_and_student, out, experiment, train=TRAIN, name="x"):
     return train_experiment(location, student, experiment, train, out, name)
 
 
+def interrupt_at_call(monkeypatch, n: int) -> None:
+    """The n-th training step from now raises KeyboardInterrupt, as a kill would stop it."""
+    calls = {"n": 0}
+    original = DistillTrainer.compute_loss
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "compute_loss", interrupted)
+
+
 @pytest.mark.parametrize("method,beta", [("akd", 0.3), ("kd", 0.0), ("rkd", 1.0), ("sft", 0.0)])
 def test_step_loss_equals_a_naive_full_vocabulary_computation(cache_and_student, method, beta):
     experiment = {"akd": AKD, "kd": KD, "rkd": RKD, "sft": SFT}[method]()
@@ -93,16 +107,7 @@ def test_training_is_deterministic_and_resumes_with_beta(cache_and_student, tmp_
     assert straight["final_beta"] == again["final_beta"] != 0.1
     assert not (tmp_path / "a" / "checkpoints").exists()  # the saved model supersedes them
     # interrupted during step 3, after the step-2 checkpoint: the re-run resumes from it
-    calls = {"n": 0}
-    original = DistillTrainer.compute_loss
-
-    def crash_at_step_3(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DistillTrainer, "compute_loss", crash_at_step_3)
+    interrupt_at_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(cache_and_student, tmp_path / "c", experiment)
     monkeypatch.undo()
@@ -190,16 +195,7 @@ def test_checkpoints_of_other_settings_are_never_resumed(cache_and_student, tmp_
                                                           monkeypatch):
     """A run interrupted after its step-2 checkpoint, then run again at another lr: it starts
     over, and ends exactly where a fresh run at that lr ends."""
-    calls = {"n": 0}
-    original = DistillTrainer.compute_loss
-
-    def crash_at_step_3(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DistillTrainer, "compute_loss", crash_at_step_3)
+    interrupt_at_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(cache_and_student, tmp_path / "run", KD())
     monkeypatch.undo()
@@ -255,20 +251,6 @@ def test_seqkd_trains_on_the_teachers_generated_responses(generations, cache_and
     with pytest.raises(ValueError, match="needs the teacher's generations"):
         train_experiment(cache_and_student[0], cache_and_student[1], SeqKD(),
                          TRAIN, tmp_path / "out2", "seqkd")
-
-
-def interrupt_at_call(monkeypatch, n: int) -> None:
-    """The n-th training step from now raises KeyboardInterrupt, as a kill would stop it."""
-    calls = {"n": 0}
-    original = DistillTrainer.compute_loss
-
-    def interrupted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DistillTrainer, "compute_loss", interrupted)
 
 
 def test_seqkd_checkpoints_of_another_tokenization_are_never_resumed(
