@@ -19,6 +19,8 @@ TemplateName = Literal["starcoder", "instruct_eval", "alpaca", "alpaca_original"
 TruncationPolicy = Literal["truncate_response", "drop"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
 TailMode = Literal["bucket", "renormalize", "uniform", "shape", "lowrank"]
+# a torch device string; checked at load so a typo fails before any model loads
+DeviceName = Annotated[str, Field(pattern=r"^(cpu|cuda|mps|xpu)(:\d+)?$")]
 
 
 class Strict(BaseModel):
@@ -77,7 +79,7 @@ def refuse_other_backends(config: BaseModel, section: str, backend: str, backend
 class TeacherConfig(ModelRef):
     backend: Literal["hf", "vllm"] = "hf"
     dtype: DtypeName = "float32"
-    device: str = "cpu"
+    device: DeviceName = "cpu"
     batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (hf backend)")
     vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
 
@@ -282,7 +284,7 @@ class EvalConfig(Strict):
     temperature: float = Field(0.0, ge=0, description="0: greedy pass@1")
     backend: Literal["hf", "vllm"] = "hf"
     dtype: DtypeName = "float32"
-    device: str = Field("cpu", description="the hf backend's; vLLM picks its own")
+    device: DeviceName = Field("cpu", description="the hf backend's; vLLM picks its own")
     vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
     taxonomy_workers: int = Field(2, gt=0)
 
@@ -321,6 +323,7 @@ class FidelityConfig(Strict):
     """Held-out fidelity (`akd fidelity`): every model against the live teacher and the
     held-out cache, on the response positions of the held-out split."""
 
+    device: DeviceName = Field("cpu", description="where the students and the live teacher run")
     batch_size: int = Field(8, gt=0, description="held-out samples per forward")
     chunk_positions: int = Field(512, gt=0, description="positions per [chunk, V] logits block")
     bootstrap_seed: int = 0

@@ -59,8 +59,8 @@ def model_paths(params: Params, names: list[str] | None) -> dict[str, str]:
     return paths
 
 
-def load(path: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def load(path: str, device: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     pointer = json.loads(require_input(HELDOUT_CACHE_POINTER,
                                        "cache-teacher --split heldout").read_text())
     cache = TeacherCache(pointer["location"])
+    settings = profile.fidelity
     check_cache_settings(pointer["location"], cache.ingredients, profile.teacher, profile.data,
                          profile.cache)
     teacher = None
@@ -81,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         teacher_path = resolve_model(profile.teacher.model, "teacher.model",
                                      profile.teacher.revision)
         teacher = load_frozen_teacher(profile.teacher.model_copy(update={"model": teacher_path}),
-                                      DTYPES[profile.teacher.dtype])
-    students = {name: load(path) for name, path in paths.items()}
-    settings = profile.fidelity
+                                      DTYPES[profile.teacher.dtype]).to(settings.device)
+    students = {name: load(path, settings.device) for name, path in paths.items()}
     per_sample = per_sample_fidelity(
         students, cache, teacher, temperature=profile.train.temperature,
         batch_size=settings.batch_size, chunk_positions=settings.chunk_positions,
+        device=settings.device,
     )
     for name, values in per_sample.items():
         summary = summarise(values, settings.bootstrap_seed)

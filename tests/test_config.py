@@ -26,6 +26,7 @@ def test_repository_params_load_in_both_profiles():
     assert load_params(REPO / "params.yaml").active.teacher.model == "embedded:smollm2"
     paper = load_params(REPO / "params.yaml", profile="paper").active
     assert paper.teacher.backend == "vllm" and paper.data.heldout == 1000
+    assert paper.fidelity.device == "cuda"
 
 
 def test_unknown_key_is_an_error_that_names_it(tmp_path):
@@ -38,6 +39,17 @@ def test_bad_value_names_the_key(tmp_path):
         load_params(write(tmp_path, minimal(k=0)))
     with pytest.raises(ConfigError, match=r"profiles.p.cache.template"):
         load_params(write(tmp_path, minimal(template="chatml")))
+
+
+@pytest.mark.parametrize("section", ["teacher", "eval", "fidelity"])
+def test_a_device_that_torch_would_refuse_is_named_at_load(tmp_path, section):
+    doc = minimal()
+    block = doc["profiles"]["p"].setdefault(section, {})
+    block["device"] = "cuda:1"
+    assert getattr(load_params(write(tmp_path, doc)).active, section).device == "cuda:1"
+    block["device"] = "gpu0"
+    with pytest.raises(ConfigError, match=rf"profiles.p.{section}.device: String should match"):
+        load_params(write(tmp_path, doc))
 
 
 def test_missing_profile_is_named(tmp_path):

@@ -105,12 +105,14 @@ def per_sample_fidelity(
     temperature: float = 1.0,
     batch_size: int = DEFAULTS.batch_size,
     chunk_positions: int = DEFAULTS.chunk_positions,
+    device: str = DEFAULTS.device,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-sample length-normalised metrics, model name -> metric -> [samples], in cache order.
 
     The teacher runs once per batch and its hidden states are shared by every student; logits of
     both models exist for one chunk of positions at a time. Without a teacher only the cache's
-    view and the student-only metrics are computed.
+    view and the student-only metrics are computed. The models must already be on `device`;
+    the batches are moved there, the sums stay on the host in float64.
     """
     cache_temperature = cache.ingredients["temperature"]
     if cache_temperature != temperature:
@@ -119,9 +121,11 @@ def per_sample_fidelity(
             f"fidelity asks for train.temperature {temperature}; build the held-out cache at "
             "that temperature (cache.temperature)"
         )
-    shape = None if cache.log_tail_shape is None else torch.from_numpy(cache.log_tail_shape)
+    shape = (None if cache.log_tail_shape is None
+             else torch.from_numpy(cache.log_tail_shape).to(device))
     code = cache.tail_code
-    basis = None if code is None else (torch.from_numpy(code.basis), torch.from_numpy(code.bias))
+    basis = None if code is None else (torch.from_numpy(code.basis).to(device),
+                                       torch.from_numpy(code.bias).to(device))
     modes = (*CACHE_VIEW_MODES, *(() if shape is None else (SHAPE_MODE,)),
              *(() if code is None else (LOWRANK_MODE,)))
     cache_metrics = [f"{d}_{m}" for m in modes for d in ("fkl", "rkl")]
@@ -131,9 +135,10 @@ def per_sample_fidelity(
     for start in tqdm(range(0, len(cache), batch_size), desc="fidelity", unit="batch"):
         indices = range(start, min(start + batch_size, len(cache)))
         batch = collate([cache[i] for i in indices])
+        sample_of = (torch.nonzero(batch["loss_mask"])[:, 0] + start).numpy()
+        lengths[start : start + len(indices)] = batch["loss_mask"].sum(1).numpy()
+        batch = {name: value.to(device) for name, value in batch.items()}
         mask = batch["loss_mask"]
-        sample_of = torch.nonzero(mask)[:, 0] + start
-        lengths[start : start + len(indices)] = mask.sum(1).numpy()
         rows = {name: batch[name] for name in ("topk_logprobs", "tail_logmass", "tail_code")
                 if name in batch}  # collate packs the teacher rows of the loss positions
         rows["topk_ids"] = batch["topk_ids"].long()
@@ -149,9 +154,9 @@ def per_sample_fidelity(
                     {name: value[part] for name, value in rows.items()}, temperature, modes,
                     shape, basis,
                 )
-                where = sample_of[part].numpy()
+                where = sample_of[part]
                 for name, value in metrics.items():
-                    np.add.at(sums[model_name][name], where, value.double().numpy())
+                    np.add.at(sums[model_name][name], where, value.double().cpu().numpy())
     return {model: {m: total / lengths for m, total in per_metric.items()}
             for model, per_metric in sums.items()}
 
