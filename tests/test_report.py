@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 import stages.report
 from akd_cache.config import Params
+from akd_cache.report import plots as report_plots
 from akd_cache.report import runs as report_runs
 from akd_cache.report.markdown import NOT_RUN
 from akd_cache.report.plots import PLOT_FILES, series
@@ -49,6 +53,7 @@ EXPECTED = {
     "beta_02": ["18.9", "35.5", "15.2", "25.0", "21.9", "22.6"],
 }
 TRAINED = ["sft", "kd", "rkd", "akd", "akd_m1", "akd_m2", "beta_02"]
+BETA_RUNS = ["akd", "akd_m1", "akd_m2", "beta_02"]  # the runs whose beta adapts or is fixed
 EXPERIMENTS = {
     "sft": {"method": "sft"},
     "sft_lora": {"method": "sft", "lora": {}},  # in params, never run
@@ -65,7 +70,7 @@ EXPERIMENTS = {
 # Held-out fidelity (mean, ci_low, ci_high) of exact FKL / RKL; the parity row's gap is by hand:
 # kd's FKL (2.2 - 2.0) / 2.0 = +10.0%, its RKL (3.0 - 4.0) / 4.0 = -25.0%.
 FIDELITY = {
-    "student": {"fkl": (16.7, 16.1, 17.3), "rkl": (9.0, 8.5, 9.5)},
+    "student": {"fkl": (16.7, 16.0, 17.3), "rkl": (9.0, 8.5, 9.5)},  # asymmetric, as bootstraps are
     "kd": {"fkl": (2.2, 2.0, 2.4), "rkl": (3.0, 2.7, 3.3)},
     "kd_online": {"fkl": (2.0, 1.8, 2.2), "rkl": (4.0, 3.6, 4.4)},
 }
@@ -111,9 +116,15 @@ def eval_metrics(model: str) -> dict:
             "datasets": datasets, "taxonomy": taxonomy}
 
 
+def beta_used(step: int) -> float:
+    return 0.1 + 0.02 * step
+
+
 def train_log(name: str) -> str:
+    """The beta the step trained with (`beta_used`) and the beta after its update differ, so a
+    plot of the wrong one shows."""
     lines = [{"step": step, "loss": 3.0 / step, "fkl": 2.0 / step, "rkl": 1.0 / step,
-              "beta": 0.1 + 0.02 * step, "beta_used": 0.1 + 0.02 * step,
+              "beta": beta_used(step + 1), "beta_used": beta_used(step),
               "teacher_tail_mass": 0.01, "student_tail_mass": 0.5, "tokens_per_s": 30.0,
               "peak_memory_mb": 1600.0} for step in range(1, 6)]
     lines.insert(1, lines[0])  # a resumed run logs a step twice
@@ -270,6 +281,79 @@ def test_plots_are_pngs(full):
         assert f"(plots/{name})" in markdown
 
 
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory) -> dict[str, Figure]:
+    """The stage run on every synthetic run file, each figure kept as it is saved."""
+    root = tmp_path_factory.mktemp("figures")
+    write_runs(root, list(PASS))
+    kept = {}
+    save = report_plots._save
+
+    def keep(fig: Figure, path: Path) -> Path:
+        kept[path.name] = fig
+        return save(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(report_plots, "_save", keep)
+        run_stage(root, mp, TAIL_HIST)
+    return {name: kept[file] for name, file in PLOT_FILES.items()}
+
+
+def bars(fig: Figure) -> dict[str, list[float]]:
+    """Each bar series' label and heights."""
+    return {c.get_label(): list(c.datavalues) for c in fig.axes[0].containers
+            if isinstance(c, BarContainer)}
+
+
+def tick_labels(fig: Figure) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_xticklabels()]
+
+
+def test_line_plots_draw_each_runs_logged_steps(figures):
+    """One line per run, its last value per step (the resumed step 1 once), in params order;
+    beta only for the runs that adapt or fix it."""
+    steps = [1, 2, 3, 4, 5]
+    for name, key, runs, value in (
+        ("loss", "loss", TRAINED, lambda step: 3.0 / step),
+        ("beta", "beta_used", BETA_RUNS, beta_used),
+    ):
+        lines = figures[name].axes[0].get_lines()
+        assert [line.get_label() for line in lines] == runs, name
+        for line in lines:
+            assert list(line.get_xdata()) == steps
+            assert list(line.get_ydata()) == pytest.approx([value(s) for s in steps]), key
+    assert figures["beta"].axes[0].get_ylim() == (0.0, 1.0)
+
+
+def test_fidelity_plot_bars_are_the_means_with_their_intervals(figures):
+    fig = figures["fidelity"]
+    models = ["student", "kd", "kd_online"]
+    assert tick_labels(fig) == models
+    heights = bars(fig)
+    for key in ("fkl", "rkl"):
+        assert heights[f"{key.upper()} (exact)"] == [FIDELITY[m][key][0] for m in models]
+    fkl_bars = next(c for c in fig.axes[0].containers if isinstance(c, BarContainer))
+    whiskers = fkl_bars.errorbar.lines[2][0].get_segments()
+    assert [y for seg in whiskers for y in (seg[0][1], seg[1][1])] == pytest.approx(
+        [bound for m in models for bound in FIDELITY[m]["fkl"][1:]])
+
+
+def test_pass_plot_bars_are_base_pass_at_1_in_percent(figures):
+    fig = figures["pass"]
+    assert tick_labels(fig) == list(PASS)
+    heights = bars(fig)
+    assert heights["HumanEval"] == pytest.approx([100 * p[0] for p in PASS.values()])
+    mbpp = [100 * p[2] if p[2] is not None else math.nan for p in PASS.values()]
+    assert heights["MBPP"] == pytest.approx(mbpp, nan_ok=True)  # akd_m2: no MBPP run, no bar
+
+
+def test_tail_plot_bars_are_the_histogram(figures):
+    fig = figures["tail"]
+    assert list(bars(fig).values()) == [TAIL_HIST["counts"]]
+    assert tick_labels(fig) == ["< 1e-7", "1e-7..1e-6", "1e-6..1e-5", "1e-5..1e-4", "1e-4..1e-3",
+                                "1e-3..1e-2", "1e-2..1e-1", "1e-1..1e0"]
+
+
 def test_summary_json(full):
     root, _, _ = full
     summary = json.loads((root / "reports" / "summary.json").read_text())
@@ -337,7 +421,7 @@ def test_fidelity_comes_first_with_intervals(full):
     _, markdown, _ = full
     assert markdown.split("\n## ")[1].startswith("Fidelity on the held-out split")
     rows = table(sections(markdown)["Fidelity on the held-out split"])
-    assert rows["`student`"][:4] == ["untrained", "-", "16.700 [16.100, 17.300]",
+    assert rows["`student`"][:4] == ["untrained", "-", "16.700 [16.000, 17.300]",
                                      "9.000 [8.500, 9.500]"]
     assert rows["`kd`"][:2] == ["kd", "cache (profile)"]
     assert rows["`kd_online`"][:2] == ["kd", "online"]
