@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import fsspec
@@ -19,6 +17,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 from scale_project import assert_same_cache, write_params
+from shard_kill import kill_when_paused, shards_done
 
 import stages.cache_teacher
 import stages.prepare
@@ -33,22 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 160  # 2 shards
 ROOT = "s3://bucket/caches"
 REFERENCE_ROOT = "s3://bucket/reference"
-# `akd cache-teacher` with a teacher slowed down enough to be killed between two shards
-SLOW_CACHE_TEACHER = """
-import time
+# `akd cache-teacher` whose teacher pauses for good after the first shard (tests/shard_kill.py)
+PAUSING_CACHE_TEACHER = """
+import sys
+from shard_kill import pause_after_first_shard
 from akd_cache.teacher.hf_backend import HFTeacher
-score = HFTeacher.score
-HFTeacher.score = lambda self, batch: (time.sleep(0.5), score(self, batch))[1]
+location, marker = sys.argv[1:]
+HFTeacher.score = pause_after_first_shard(HFTeacher.score, location, marker)
 from akd_cache.cli import main
 main(["cache-teacher"])
 """
-
-
-def done_shards(location: str) -> int | None:
-    try:
-        return int(zarr.open_group(location, mode="r")["shard_done"][:].sum())
-    except (FileNotFoundError, KeyError):
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +58,14 @@ def s3_cache(s3_endpoint, tiny_models, codealpaca_path, tmp_path_factory):
         key = reference.rsplit("/", 1)[1]
         location = f"{ROOT}/{key}"
         write_params(workdir, tiny_models, codealpaca_path, ROOT, N_TRAIN)
-        child = subprocess.Popen([sys.executable, "-c", SLOW_CACHE_TEACHER], cwd=workdir,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while not done_shards(location) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        interrupted = done_shards(location)
+        marker = workdir / "paused"
+        child = subprocess.Popen(
+            [sys.executable, "-c", PAUSING_CACHE_TEACHER, location, str(marker)], cwd=workdir,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        kill_when_paused(child, marker)
+        interrupted = shards_done(location)
         fs = fsspec.filesystem("s3")
         lock_left = fs.exists(f"{location}/locks/worker-0-of-1.lock")
         stages.cache_teacher.main([])  # the dead writer's lock (this host, no such pid) is stale
@@ -83,7 +75,7 @@ def s3_cache(s3_endpoint, tiny_models, codealpaca_path, tmp_path_factory):
 
 
 def test_s3_cache_resumed_after_sigkill_equals_an_uninterrupted_build(s3_cache):
-    assert 1 <= s3_cache["interrupted"] < s3_cache["n_shards"], "the kill should land mid-run"
+    assert s3_cache["interrupted"] == 1 < s3_cache["n_shards"], "the kill lands after shard 1"
     assert s3_cache["lock_left"]
     assert_same_cache(s3_cache["location"], s3_cache["reference"])
     assert not fsspec.filesystem("s3").exists(f"{s3_cache['location']}/locks/worker-0-of-1.lock")

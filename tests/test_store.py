@@ -6,13 +6,10 @@ import ast
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from shard_kill import kill_when_paused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from akd_cache.cli import main
@@ -199,28 +197,22 @@ def test_resume_after_crash_equals_an_uninterrupted_run(setup, reference_cache, 
 
 
 KILL_SCRIPT = """
-import json, sys, time
+import json, sys
 from pathlib import Path
-from akd_cache.store.inspect import describe
+sys.path.insert(0, "tests")
+from shard_kill import pause_after_first_shard
 from akd_cache.store.key import CacheIngredients
 from akd_cache.store.rows import TokenizedSample
 from akd_cache.store.writer import fill
 from akd_cache.teacher.hf_backend import HFTeacher
 
-model, location, shard_rows, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model, location, shard_rows, k, marker = sys.argv[1:]
 spec = json.loads(Path(location + ".spec.json").read_text())
-teacher = HFTeacher(model, k=k, batch_tokens=2048)
-
-
-class Slow:
-    def score(self, batch):
-        time.sleep(0.5)
-        return teacher.score(batch)
-
-
+teacher = HFTeacher(model, k=int(k), batch_tokens=2048)
+teacher.score = pause_after_first_shard(teacher.score, location, marker)
 fill(location, [TokenizedSample(**s) for s in spec["samples"]],
-     CacheIngredients(**spec["ingredients"]), spec["vocab_size"], lambda: Slow(),
-     shard_rows=shard_rows)
+     CacheIngredients(**spec["ingredients"]), spec["vocab_size"], lambda: teacher,
+     shard_rows=int(shard_rows))
 """
 
 
@@ -235,22 +227,15 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(setup, reference_cache,
         "vocab_size": len(setup["tokenizer"]),
     }))
     repo = Path(__file__).resolve().parents[1]
+    marker = tmp_path / "paused"
     child = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, setup["model"], location, str(SHARD_ROWS), str(K)],
+        [sys.executable, "-c", KILL_SCRIPT, setup["model"], location, str(SHARD_ROWS), str(K),
+         str(marker)],
         cwd=repo, stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if zarr.open_group(location, mode="r")["shard_done"][:].sum() >= 1:
-                break
-        except (FileNotFoundError, KeyError):
-            pass
-        time.sleep(0.2)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_when_paused(child, marker)
     done = zarr.open_group(location, mode="r")["shard_done"][:]
-    assert 1 <= done.sum() < len(done), "the kill should land mid-run"
+    assert done.sum() == 1 and len(done) > 1, "the kill lands after the first shard"
     assert (Path(location) / "locks" / "worker-0-of-1.lock").exists()  # left by the dead writer
     assert build(location, setup)  # the stale lock is taken over
     for name, ref in row_arrays(reference_cache).items():
