@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from akd_cache.evaluation.problems import Problem, load_problems
-from akd_cache.evaluation.sandbox import Limits, namespace_available, run_in_sandbox
+from akd_cache.evaluation.sandbox import MIB, Limits, namespace_available, run_in_sandbox
 from akd_cache.evaluation.score import score
 from akd_cache.evaluation.taxonomy import (
     CORRECT,
@@ -29,6 +29,8 @@ from akd_cache.evaluation.taxonomy import (
 
 EVALPLUS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evalplus"
 FAST = Limits(cpu_seconds=1, wall_seconds=3.0)
+BOMB_MEMORY_BYTES = 256 * MIB
+BOMB_WALL_S = 120.0
 PROBLEM = Problem(
     dataset="mbpp",
     task_id="Toy/add",
@@ -193,7 +195,11 @@ def test_empty_function_detection():
 
 
 def test_sandbox_stops_a_memory_bomb():
-    outcome = run_in_sandbox("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 26))\n")
+    """A small address-space limit and a wall time no loaded machine reaches: the bomb must end
+    by its MemoryError, never by a time limit."""
+    limits = Limits(memory_bytes=BOMB_MEMORY_BYTES, wall_seconds=BOMB_WALL_S)
+    outcome = run_in_sandbox("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))\n",
+                             limits=limits)
     assert outcome.error_type == "MemoryError"
 
 
