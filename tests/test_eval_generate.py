@@ -137,6 +137,22 @@ def test_empty_completion_stays_empty(humaneval):
     assert to_solution("  \n<|endoftext|>", humaneval["HumanEval/0"]) == ""
 
 
+@pytest.mark.parametrize("reply", [
+    "The above response is a response that completes the instruction.\n",  # the demo teacher's
+    "```",
+    "The sum\n\n\nThe sum\nThe sum\n",
+])
+def test_prose_without_code_gives_an_empty_solution(humaneval, reply):
+    assert to_solution(reply, humaneval["HumanEval/0"]) == ""
+
+
+def test_prose_before_unfenced_code_keeps_the_code(humaneval):
+    reply = "Here is the function:\ndef has_close_elements(numbers, threshold):\n    return False\n"
+    solution = to_solution(reply, humaneval["HumanEval/0"])
+    assert "def has_close_elements(numbers, threshold):\n    return False" in solution
+    assert "Here is" not in solution
+
+
 def test_sanitizer_keeps_an_empty_entry_point(humaneval):
     """evalplus drops functions without `return`; the taxonomy needs them as empty functions."""
     problem = humaneval["HumanEval/0"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from akd_cache.evaluation.postprocess import to_solution
 from akd_cache.evaluation.problems import Problem, load_problems
 from akd_cache.evaluation.sandbox import MIB, Limits, namespace_available, run_in_sandbox
 from akd_cache.evaluation.score import score
@@ -133,6 +134,13 @@ def test_each_category_and_subcategory(classified, name):
     assert (row.category, row.subcategory, row.complete) == (category, subcategory, complete), (
         row.message
     )
+
+
+def test_a_reply_of_prose_without_code_is_nothing_generated():
+    """The paper's "nothing generated" counts code: a reply that only talks has no program."""
+    solution = to_solution("To add two numbers, apply the plus operator to them.", PROBLEM)
+    _, [row] = classify([Attempt(PROBLEM, solution, passed=False)], FAST)
+    assert (solution, row.category, row.subcategory) == ("", "NameError", NOTHING_GENERATED)
 
 
 def test_passing_solutions_are_correct_without_a_rerun():

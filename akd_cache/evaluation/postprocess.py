@@ -2,8 +2,9 @@
 
 Order: cut at the first stop sequence, take the code out of a fenced block (or the raw text),
 re-attach the task's own code when the model only continued the function body, then run
-evalplus's sanitizer with the entry point. An empty completion gives an empty solution (never the
-bare prompt), so the taxonomy can still tell "nothing generated" apart.
+evalplus's sanitizer with the entry point. A completion without code (empty, or prose that
+defines no function and is no Python) gives an empty solution, never the bare prompt or the
+prose: the taxonomy files it as "nothing generated", not as a SyntaxError of code cut off.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from akd_cache.generation import FENCE, find_stop
 # The generation stops, and a closing code fence (it ends a reply only where it closes a block).
 DEFAULT_STOPS: tuple[str, ...] = (*generation.DEFAULT_STOPS, f"\n{FENCE}\n")
 _FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_FUNCTION_DEF = re.compile(r"^\s*(?:async\s+)?def\s+\w+\s*\(", re.MULTILINE)
 
 
 def truncate_at_stops(text: str, stops: tuple[str, ...] = DEFAULT_STOPS) -> str:
@@ -35,6 +37,18 @@ def extract_code(text: str) -> str:
 
 def defines(code: str, name: str) -> bool:
     return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+
+
+def is_code(text: str) -> bool:
+    """Text that defines a function or parses as Python. evalplus's sanitizer passes prose
+    through unchanged, which would then fail as a SyntaxError."""
+    if _FUNCTION_DEF.search(text):
+        return True
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True
 
 
 def prompt_imports(prompt: str) -> str:
@@ -85,6 +99,8 @@ def to_solution(
             code = problem.prompt + code
     elif keep_prompt_imports:
         code = prompt_imports(problem.prompt) + code
+    if not is_code(code):
+        return ""
     sanitized = sanitize(code, problem.entry_point)
     if defines(sanitized, problem.entry_point) or not defines(code, problem.entry_point):
         return sanitized
