@@ -153,14 +153,19 @@ def run_child(args: argparse.Namespace, what: str, variants: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The issue's loss shapes (batch 8 x seq 512, V 49152, k 64), shared with loss_peers.py."""
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--mode", default="bucket")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_args(parser)
     parser.add_argument("--tail-rank", type=int, default=64, help="for --mode lowrank")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024])
     parser.add_argument("--repeats", type=int, default=3)

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_memory import (  # a sibling script, not a package
     MIB,
     SEED,
+    add_shape_args,
     build_inputs,
     current_rss_bytes,
     peak_rss_bytes,
@@ -309,12 +310,7 @@ def label(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--mode", default="bucket")
+    add_shape_args(parser)
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024, 512, 256])
     parser.add_argument("--live-chunk-size", type=int, default=PEER_CHUNK)
     parser.add_argument("--repeats", type=int, default=2)
