@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from akd_cache.student.loss import topk_divergences
 K = 16
 N_SAMPLES = 5
 T = 2.0
+# every device this machine has: the CPU here and in CI, a GPU's too where one is lent
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +57,14 @@ def naive(student, teacher, cache: TeacherCache, index: int) -> dict[str, float]
     return {name: float(value) for name, value in out.items()}
 
 
-def test_fidelity_equals_a_naive_float64_computation(heldout, tiny_models):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fidelity_equals_a_naive_float64_computation(heldout, tiny_models, device):
     cache, teacher_path = heldout
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
-    got = per_sample_fidelity({"s": student}, cache, teacher, temperature=T, batch_size=2,
-                              chunk_positions=17)["s"]
+    got = per_sample_fidelity({"s": copy.deepcopy(student).to(device)}, cache,
+                              copy.deepcopy(teacher).to(device), temperature=T, batch_size=2,
+                              chunk_positions=17, device=device)["s"]
     with torch.no_grad():
         want = [naive(student, teacher, cache, i) for i in range(len(cache))]
     for name, values in got.items():
@@ -99,18 +105,20 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_samples():
     assert large.ci_low < 3.0 < large.ci_high
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,setting", [("shape", {"tail_shape": True}),
                                           ("lowrank", {"tail_rank": 16})])
 def test_a_shape_or_code_cache_adds_its_view_equal_to_its_dense_distribution(
-        tiny_models, codealpaca_rows, tmp_path, mode, setting):
+        tiny_models, codealpaca_rows, tmp_path, mode, setting, device):
     """The shape (lowrank) view against KL computed from `reader.dense_logprobs(i, mode)`."""
     location = str(tmp_path / "c")
     fill_tiny_cache(str(tiny_models["llama"]), codealpaca_rows[N_SAMPLES : 2 * N_SAMPLES],
                     CacheConfig(k=K, max_length=128, temperature=T, **setting), location)
     cache = TeacherCache(location)
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
-    got = per_sample_fidelity({"s": student}, cache, None, temperature=T, batch_size=2,
-                              chunk_positions=17)["s"]
+    got = per_sample_fidelity({"s": copy.deepcopy(student).to(device)}, cache, None,
+                              temperature=T, batch_size=2, chunk_positions=17,
+                              device=device)["s"]
     for i in range(len(cache)):
         sample = cache[i]
         rows = slice(sample.prompt_len - 1, len(sample.input_ids) - 1)
