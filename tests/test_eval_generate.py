@@ -13,6 +13,7 @@ from akd_cache.config import EvalConfig
 from akd_cache.evaluation.generate import generate_samples, generator_factory
 from akd_cache.evaluation.postprocess import DEFAULT_STOPS, to_solution, truncate_at_stops
 from akd_cache.evaluation.problems import build_prompt, load_problems
+from akd_cache.evaluation.taxonomy import CUT_OFF, Attempt, classify
 from akd_cache.generation import Decoding, HFGenerator, complete_all, find_stop
 
 EVALPLUS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evalplus"
@@ -151,6 +152,19 @@ def test_prose_before_unfenced_code_keeps_the_code(humaneval):
     solution = to_solution(reply, humaneval["HumanEval/0"])
     assert "def has_close_elements(numbers, threshold):\n    return False" in solution
     assert "Here is" not in solution
+
+
+def test_code_cut_off_inside_a_docstring_is_kept_as_written(humaneval):
+    """The demo teacher's reply, cut off by max_new_tokens inside the docstring: evalplus's
+    sanitizer would leave `def even_odd_palindrome(n):` alone, an IndentationError; the taxonomy
+    must see the output cut off."""
+    problem = humaneval["HumanEval/107"]
+    reply = ('```\ndef even_odd_palindrome(n):\n    """\n    Given a positive integer n, return '
+             "a tuple that has the number of even and odd integer\n\n    Example 2")
+    solution = to_solution(reply, problem)
+    assert solution.endswith("    Example 2") and "def even_odd_palindrome(n):" in solution
+    _, [row] = classify([Attempt(problem, solution, passed=False, truncated=True)])
+    assert (row.category, row.subcategory) == ("SyntaxError", CUT_OFF)
 
 
 def test_sanitizer_keeps_an_empty_entry_point(humaneval):

@@ -39,16 +39,18 @@ def defines(code: str, name: str) -> bool:
     return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
 
-def is_code(text: str) -> bool:
-    """Text that defines a function or parses as Python. evalplus's sanitizer passes prose
-    through unchanged, which would then fail as a SyntaxError."""
-    if _FUNCTION_DEF.search(text):
-        return True
+def parses(text: str) -> bool:
     try:
         ast.parse(text)
     except SyntaxError:
         return False
     return True
+
+
+def is_code(text: str) -> bool:
+    """Text that defines a function or parses as Python. evalplus's sanitizer passes prose
+    through unchanged, which would then fail as a SyntaxError."""
+    return _FUNCTION_DEF.search(text) is not None or parses(text)
 
 
 def prompt_imports(prompt: str) -> str:
@@ -102,6 +104,11 @@ def to_solution(
     if not is_code(code):
         return ""
     sanitized = sanitize(code, problem.entry_point)
+    if not parses(sanitized):
+        # Cut off inside the function (an unclosed docstring), the sanitizer keeps its bare
+        # signature, which fails as an IndentationError: keep the code as written, so the
+        # failure shows where the output ended.
+        return code
     if defines(sanitized, problem.entry_point) or not defines(code, problem.entry_point):
         return sanitized
     # The sanitizer dropped the entry point. It drops functions without a `return` (an empty
