@@ -16,6 +16,7 @@ import stages.cache_teacher
 import stages.models
 import stages.prepare
 import stages.template_analysis
+from akd_cache.config import CacheConfig, TemplateAnalysisConfig
 from akd_cache.data.instructions import read_examples
 from akd_cache.data.templates import TEMPLATES
 from akd_cache.data.tokenize import tokenize_example
@@ -94,15 +95,16 @@ def live_template_scores(workdir, teacher_dir) -> dict:
     live teacher's full softmax in float64, its top 64 plus the rest as one bucket for the
     entropy (what a top-k cache can know), compared as the paper does."""
     examples = read_examples(workdir / "data" / "prepared" / "train.jsonl")
-    examples = random.Random(0).sample(examples, N_TEMPLATE_SAMPLES)
+    examples = random.Random(TemplateAnalysisConfig().seed).sample(examples, N_TEMPLATE_SAMPLES)
+    cache = CacheConfig()  # the test's params leave max_length and truncation at their defaults
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
     scores = {}
     for template in TEMPLATES:
         scores[template] = {}
         for example in examples:
-            sample = tokenize_example(tokenizer, example, template, max_length=512,
-                                      truncation="truncate_response")
+            sample = tokenize_example(tokenizer, example, template, cache.max_length,
+                                      cache.truncation)
             ids = torch.tensor(sample.input_ids)[None]
             with torch.no_grad():
                 log_p = torch.log_softmax(teacher(input_ids=ids).logits[0], -1)
