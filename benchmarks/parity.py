@@ -27,11 +27,11 @@ import os
 import platform
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,6 +44,7 @@ from akd_cache.store.reader import TeacherCache
 from akd_cache.student.run import train_experiment
 from akd_cache.teacher.build import build_cache
 from stages.common import HELDOUT_CACHE_POINTER, PREPARED_DIR, TEACHER_CACHE_POINTER
+from stages.fidelity import load, load_teacher
 
 METHODS = {"kd": KD, "rkd": RKD, "akd": AKD}
 WAYS = ("bucket", "uniform", "shape", "lowrank", "online")
@@ -108,19 +109,19 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def measure(args: argparse.Namespace, folders: dict[str, Path]) -> dict[str, dict]:
-    """Held-out exact FKL / RKL of every trained student, a seed's students per teacher pass."""
+    """Held-out exact FKL / RKL of every trained student, a seed's students per teacher pass
+    (one model at a time on the profile's fidelity device)."""
     params = load_params(args.params)
     profile = params.active
     heldout = TeacherCache(json.loads(HELDOUT_CACHE_POINTER.read_text())["location"])
-    teacher_path = resolve_model(profile.teacher.model, "teacher.model", profile.teacher.revision)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    device = profile.fidelity.device
+    teacher = partial(load_teacher, profile.teacher, device)
     results = {}
     for seed in args.seeds:
         names = [n for n in folders if n.endswith(f"-s{seed}")]
-        students = {n: AutoModelForCausalLM.from_pretrained(folders[n] / "model").eval()
-                    for n in names}
+        students = {n: partial(load, str(folders[n] / "model"), device) for n in names}
         per_sample = per_sample_fidelity(students, heldout, teacher,
-                                         temperature=profile.train.temperature)
+                                         temperature=profile.train.temperature, device=device)
         for name in names:
             metrics = json.loads((folders[name] / "metrics.json").read_text())
             results[name] = {

@@ -7,19 +7,22 @@
 Each model gets `runs/fidelity/<name>.json`: exact full-vocabulary FKL and RKL against the live
 teacher (loaded for this evaluation only), the held-out cache's bucket and uniform view of the
 same, the NLL of the reference responses, top-1 agreement and the student's mass outside the
-teacher's top-k, each a mean over samples with a bootstrap 95% interval.
+teacher's top-k, each a mean over samples with a bootstrap 95% interval. One model at a time
+is on `fidelity.device` (the teacher first, then each student), so the paper's 7B teacher and
+its 1B students need one card's worth of one of them, not of all.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from akd_cache.config import Params, load_params
+from akd_cache.config import Params, TeacherConfig, load_params
 from akd_cache.errors import ConfigError
 from akd_cache.evaluation.fidelity import per_sample_fidelity, summarise
 from akd_cache.models.resolve import resolve_model
@@ -63,6 +66,12 @@ def load(path: str, device: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
+def load_teacher(teacher: TeacherConfig, device: str) -> torch.nn.Module:
+    path = resolve_model(teacher.model, "teacher.model", teacher.revision)
+    return load_frozen_teacher(teacher.model_copy(update={"model": path}),
+                               DTYPES[teacher.dtype]).to(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_args(__doc__)
     parser.add_argument("--model", action="append", help="repeatable; default: all")
@@ -77,17 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = profile.fidelity
     check_cache_settings(pointer["location"], cache.ingredients, profile.teacher, profile.data,
                          profile.cache)
-    teacher = None
-    if not args.no_teacher:
-        teacher_path = resolve_model(profile.teacher.model, "teacher.model",
-                                     profile.teacher.revision)
-        teacher = load_frozen_teacher(profile.teacher.model_copy(update={"model": teacher_path}),
-                                      DTYPES[profile.teacher.dtype]).to(settings.device)
-    students = {name: load(path, settings.device) for name, path in paths.items()}
+    teacher = None if args.no_teacher else partial(load_teacher, profile.teacher, settings.device)
     per_sample = per_sample_fidelity(
-        students, cache, teacher, temperature=profile.train.temperature,
-        batch_size=settings.batch_size, chunk_positions=settings.chunk_positions,
-        device=settings.device,
+        {name: partial(load, path, settings.device) for name, path in paths.items()}, cache,
+        teacher, temperature=profile.train.temperature, batch_size=settings.batch_size,
+        chunk_positions=settings.chunk_positions, device=settings.device,
     )
     for name, values in per_sample.items():
         summary = summarise(values, settings.bootstrap_seed)

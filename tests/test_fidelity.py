@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -62,9 +65,9 @@ def test_fidelity_equals_a_naive_float64_computation(heldout, tiny_models, devic
     cache, teacher_path = heldout
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
-    got = per_sample_fidelity({"s": copy.deepcopy(student).to(device)}, cache,
-                              copy.deepcopy(teacher).to(device), temperature=T, batch_size=2,
-                              chunk_positions=17, device=device)["s"]
+    got = per_sample_fidelity({"s": lambda: copy.deepcopy(student).to(device)}, cache,
+                              lambda: copy.deepcopy(teacher).to(device), temperature=T,
+                              batch_size=2, chunk_positions=17, device=device)["s"]
     with torch.no_grad():
         want = [naive(student, teacher, cache, i) for i in range(len(cache))]
     for name, values in got.items():
@@ -73,10 +76,38 @@ def test_fidelity_equals_a_naive_float64_computation(heldout, tiny_models, devic
     assert got["fkl"].min() > 0.01  # a random student is far from the teacher
 
 
+def test_one_model_at_a_time_is_held_and_each_is_measured_as_if_alone(heldout, tiny_models):
+    """Each loader runs only once the model before it is gone (only the teacher's lm head is
+    kept), and a student measured after another gets the numbers it gets alone."""
+    cache, teacher_path = heldout
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
+    loaded: list[weakref.ref] = []
+
+    def loader(model: torch.nn.Module) -> Callable[[], torch.nn.Module]:
+        def load() -> torch.nn.Module:
+            gc.collect()
+            assert [ref() for ref in loaded] == [None] * len(loaded), "a model is still held"
+            fresh = copy.deepcopy(model)
+            loaded.append(weakref.ref(fresh))
+            return fresh
+        return load
+
+    both = per_sample_fidelity({"a": loader(student), "b": loader(student)}, cache,
+                               loader(teacher), temperature=T, batch_size=2)
+    assert len(loaded) == 3
+    alone = per_sample_fidelity({"b": lambda: student}, cache, lambda: teacher, temperature=T,
+                                batch_size=2)["b"]
+    for name, values in alone.items():
+        np.testing.assert_array_equal(both["b"][name], values, err_msg=name)
+        np.testing.assert_array_equal(both["a"][name], values, err_msg=name)
+
+
 def test_the_teacher_against_itself_is_at_zero(heldout):
     cache, teacher_path = heldout
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
-    got = per_sample_fidelity({"t": teacher}, cache, teacher, temperature=T)["t"]
+    got = per_sample_fidelity({"t": lambda: teacher}, cache, lambda: teacher,
+                              temperature=T)["t"]
     np.testing.assert_allclose(got["fkl"], 0, atol=1e-5)
     np.testing.assert_allclose(got["rkl"], 0, atol=1e-5)
     np.testing.assert_array_equal(got["top1_agreement"], 1.0)
@@ -85,7 +116,7 @@ def test_the_teacher_against_itself_is_at_zero(heldout):
 def test_without_a_teacher_only_the_cache_view_is_computed(heldout, tiny_models):
     cache, _ = heldout
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
-    got = per_sample_fidelity({"s": student}, cache, None, temperature=T)["s"]
+    got = per_sample_fidelity({"s": lambda: student}, cache, None, temperature=T)["s"]
     assert "fkl" not in got and "fkl_bucket" in got and "nll" in got
 
 
@@ -93,7 +124,7 @@ def test_a_temperature_other_than_the_cache_is_refused(heldout, tiny_models):
     cache, _ = heldout
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
     with pytest.raises(ConfigError, match=r"2.0, fidelity asks for train.temperature 1"):
-        per_sample_fidelity({"s": student}, cache, None, temperature=1.0)
+        per_sample_fidelity({"s": lambda: student}, cache, None, temperature=1.0)
 
 
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_samples():
@@ -116,7 +147,7 @@ def test_a_shape_or_code_cache_adds_its_view_equal_to_its_dense_distribution(
                     CacheConfig(k=K, max_length=128, temperature=T, **setting), location)
     cache = TeacherCache(location)
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models["gpt_bigcode"])).eval()
-    got = per_sample_fidelity({"s": copy.deepcopy(student).to(device)}, cache, None,
+    got = per_sample_fidelity({"s": lambda: copy.deepcopy(student).to(device)}, cache, None,
                               temperature=T, batch_size=2, chunk_positions=17,
                               device=device)["s"]
     for i in range(len(cache)):

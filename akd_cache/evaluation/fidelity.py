@@ -15,8 +15,9 @@ interval.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ STUDENT_METRICS = ("nll", "student_tail_mass")
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 DEFAULTS = FidelityConfig()  # the profile's defaults, for a caller without a profile
+
+ModelLoader = Callable[[], PreTrainedModel]  # returns the model on the device, in eval mode
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,7 @@ def _hidden(model: PreTrainedModel, batch: Mapping[str, Tensor]) -> Tensor:
     return out.last_hidden_state[batch["loss_mask"]]
 
 
-def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
-    head = model.get_output_embeddings()
+def _logits(head: torch.nn.Module, hidden: Tensor) -> Tensor:
     logits = hidden.float() @ head.weight.float().T
     return logits if head.bias is None else logits + head.bias.float()
 
@@ -97,11 +99,41 @@ def _chunk_metrics(
     return out
 
 
+class _Batch(NamedTuple):
+    """One batch of held-out samples on the host, and where its loss positions belong."""
+
+    tensors: dict[str, Tensor]
+    sample_of: np.ndarray  # the sample index of each loss position
+
+
+def _batches(cache: TeacherCache, batch_size: int) -> tuple[list[_Batch], np.ndarray]:
+    """Every batch of the cache, in cache order, and each sample's number of loss positions."""
+    batches, lengths = [], np.zeros(len(cache))
+    for start in range(0, len(cache), batch_size):
+        indices = range(start, min(start + batch_size, len(cache)))
+        tensors = collate([cache[i] for i in indices])
+        tensors["topk_ids"] = tensors["topk_ids"].long()
+        lengths[start : start + len(indices)] = tensors["loss_mask"].sum(1).numpy()
+        batches.append(_Batch(tensors, (torch.nonzero(tensors["loss_mask"])[:, 0] + start).numpy()))
+    return batches, lengths
+
+
+def _teacher_pass(load_teacher: ModelLoader, batches: Sequence[_Batch],
+                  device: str) -> tuple[torch.nn.Module, list[Tensor]]:
+    """The teacher's lm head (left on `device`) and its hidden states at every batch's loss
+    positions (on the host), so that the rest of the teacher is gone before a student loads."""
+    teacher = load_teacher()
+    hidden = [_hidden(teacher, {name: batch.tensors[name].to(device)
+                                for name in ("input_ids", "attention_mask", "loss_mask")}).cpu()
+              for batch in tqdm(batches, desc="fidelity: teacher", unit="batch")]
+    return teacher.get_output_embeddings(), hidden
+
+
 @torch.inference_mode()
 def per_sample_fidelity(
-    students: Mapping[str, PreTrainedModel],
+    students: Mapping[str, ModelLoader],
     cache: TeacherCache,
-    teacher: PreTrainedModel | None = None,
+    teacher: ModelLoader | None = None,
     temperature: float = 1.0,
     batch_size: int = DEFAULTS.batch_size,
     chunk_positions: int = DEFAULTS.chunk_positions,
@@ -109,10 +141,12 @@ def per_sample_fidelity(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-sample length-normalised metrics, model name -> metric -> [samples], in cache order.
 
-    The teacher runs once per batch and its hidden states are shared by every student; logits of
-    both models exist for one chunk of positions at a time. Without a teacher only the cache's
-    view and the student-only metrics are computed. The models must already be on `device`;
-    the batches are moved there, the sums stay on the host in float64.
+    One model at a time is held: each loader must return its model on `device`, and the model
+    is dropped before the next one loads. The teacher runs first, once per batch, and keeps only
+    its lm head on the device and its hidden states on the host, so a paper-scale teacher and
+    a student need not fit on one card together with every other student. Logits of both models
+    exist for one chunk of positions at a time. Without a teacher only the cache's view and the
+    student-only metrics are computed. The sums stay on the host in float64.
     """
     cache_temperature = cache.ingredients["temperature"]
     if cache_temperature != temperature:
@@ -130,35 +164,34 @@ def per_sample_fidelity(
              *(() if code is None else (LOWRANK_MODE,)))
     cache_metrics = [f"{d}_{m}" for m in modes for d in ("fkl", "rkl")]
     names = [*STUDENT_METRICS, *cache_metrics, *(EXACT_METRICS if teacher is not None else ())]
-    sums = {model: {m: np.zeros(len(cache)) for m in names} for model in students}
-    lengths = np.zeros(len(cache))
-    for start in tqdm(range(0, len(cache), batch_size), desc="fidelity", unit="batch"):
-        indices = range(start, min(start + batch_size, len(cache)))
-        batch = collate([cache[i] for i in indices])
-        sample_of = (torch.nonzero(batch["loss_mask"])[:, 0] + start).numpy()
-        lengths[start : start + len(indices)] = batch["loss_mask"].sum(1).numpy()
-        batch = {name: value.to(device) for name, value in batch.items()}
-        mask = batch["loss_mask"]
-        rows = {name: batch[name] for name in ("topk_logprobs", "tail_logmass", "tail_code")
-                if name in batch}  # collate packs the teacher rows of the loss positions
-        rows["topk_ids"] = batch["topk_ids"].long()
-        rows["labels"] = batch["labels"][mask]
-        teacher_hidden = _hidden(teacher, batch) if teacher is not None else None
-        for model_name, student in students.items():
-            student_hidden = _hidden(student, batch)
+    batches, lengths = _batches(cache, batch_size)
+    teacher_head, teacher_hidden = (_teacher_pass(teacher, batches, device) if teacher is not None
+                                    else (None, []))
+    results = {}
+    for model_name, load_student in students.items():
+        student = load_student()
+        head = student.get_output_embeddings()
+        sums = {m: np.zeros(len(cache)) for m in names}
+        for b, batch in enumerate(tqdm(batches, desc=f"fidelity: {model_name}", unit="batch")):
+            tensors = {name: value.to(device) for name, value in batch.tensors.items()}
+            rows = {name: tensors[name] for name in ("topk_ids", "topk_logprobs", "tail_logmass",
+                                                     "tail_code") if name in tensors}
+            rows["labels"] = tensors["labels"][tensors["loss_mask"]]
+            student_hidden = _hidden(student, tensors)
             for lo in range(0, len(student_hidden), chunk_positions):
                 part = slice(lo, lo + chunk_positions)
                 metrics = _chunk_metrics(
-                    _logits(student, student_hidden[part]),
-                    _logits(teacher, teacher_hidden[part]) if teacher is not None else None,
+                    _logits(head, student_hidden[part]),
+                    (_logits(teacher_head, teacher_hidden[b][part].to(device))
+                     if teacher_head is not None else None),
                     {name: value[part] for name, value in rows.items()}, temperature, modes,
                     shape, basis,
                 )
-                where = sample_of[part]
                 for name, value in metrics.items():
-                    np.add.at(sums[model_name][name], where, value.double().cpu().numpy())
-    return {model: {m: total / lengths for m, total in per_metric.items()}
-            for model, per_metric in sums.items()}
+                    np.add.at(sums[name], batch.sample_of[part], value.double().cpu().numpy())
+        del student, head
+        results[model_name] = {m: total / lengths for m, total in sums.items()}
+    return results
 
 
 def summarise(per_sample: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, Summary]:
