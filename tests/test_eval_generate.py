@@ -128,6 +128,14 @@ def test_solution_from_a_fenced_reply(humaneval):
     assert "print(" not in solution and "It works" not in solution
 
 
+def test_an_async_entry_point_is_the_entry_point(humaneval):
+    """`async def` defines the entry point as `def` does: the task's imports come with it."""
+    reply = ("async def has_close_elements(numbers: List[float], threshold: float):\n"
+             "    return False\n")
+    solution = to_solution(reply, humaneval["HumanEval/0"])
+    assert solution == "from typing import List\n" + reply.rstrip("\n")
+
+
 def test_body_only_completion_continues_the_prompt(humaneval):
     problem = humaneval["HumanEval/2"]
     solution = to_solution("    return number % 1.0\n", problem)

@@ -21,7 +21,14 @@ from akd_cache.generation import FENCE, find_stop
 # The generation stops, and a closing code fence (it ends a reply only where it closes a block).
 DEFAULT_STOPS: tuple[str, ...] = (*generation.DEFAULT_STOPS, f"\n{FENCE}\n")
 _FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
-_FUNCTION_DEF = re.compile(r"^\s*(?:async\s+)?def\s+\w+\s*\(", re.MULTILINE)
+
+
+def _function_def(name: str) -> re.Pattern[str]:
+    """A line that defines a function whose name matches the regex `name`."""
+    return re.compile(rf"^\s*(?:async\s+)?def\s+{name}\s*\(", re.MULTILINE)
+
+
+_ANY_FUNCTION_DEF = _function_def(r"\w+")
 
 
 def truncate_at_stops(text: str, stops: tuple[str, ...] = DEFAULT_STOPS) -> str:
@@ -36,7 +43,7 @@ def extract_code(text: str) -> str:
 
 
 def defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+    return _function_def(re.escape(name)).search(code) is not None
 
 
 def parses(text: str) -> bool:
@@ -50,7 +57,7 @@ def parses(text: str) -> bool:
 def is_code(text: str) -> bool:
     """Text that defines a function or parses as Python. evalplus's sanitizer passes prose
     through unchanged, which would then fail as a SyntaxError."""
-    return _FUNCTION_DEF.search(text) is not None or parses(text)
+    return _ANY_FUNCTION_DEF.search(text) is not None or parses(text)
 
 
 def prompt_imports(prompt: str) -> str:
