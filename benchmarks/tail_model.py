@@ -70,7 +70,7 @@ def main() -> None:
     columns = rank_columns(list(RANKS))
     full.use_tail_code(combined)
     steps = {(r, s): float(s * fmt.tail_code_step(vocab, r)[0]) for r in RANKS for s in STEPS}
-    shapes = {k: fmt.log_tail_shape(HFTeacher(full.model, k=k).mean_tail(calibration))
+    shapes = {k: fmt.log_tail_shape(HFTeacher(full.model, k=k).score_with_mean_tail(calibration)[1])
               for k in KS}
     cal_ids = np.concatenate([r.topk_ids for r in
                               HFTeacher(full.model, k=max(KS)).score(calibration)])

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from scale_project import K, assert_same_cache, stored_bytes, write_params
 
 import akd_cache.teacher.build
@@ -36,6 +38,21 @@ def local_ray():
     ray.shutdown()
 
 
+@contextmanager
+def actor_threads():
+    """The single-process reference at an actor's torch thread count (Ray gives an actor one
+    thread per CPU it holds, one here): a float32 reduction split over another number of threads
+    can end an ulp apart (seen in `target_logprob`), and the test compares bytes."""
+    from akd_cache.teacher.ray_pool import RaySettings  # needs ray: after the importorskip
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(RaySettings().cpus_per_actor)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class DyingTeacher:
     """The tiny teacher, logging which process scored which batch; the first process to score
     `victim`'s batch is killed there with SIGKILL, as a lost machine would be."""
@@ -59,7 +76,8 @@ def test_ray_cache_teacher_equals_a_single_process_run_and_redoes_a_killed_actor
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path, tiny_models, codealpaca_path, "single", N_TRAIN)
     stages.prepare.main([])
-    stages.cache_teacher.main([])
+    with actor_threads():
+        stages.cache_teacher.main([])
     single = json.loads(Path("runs/teacher_cache.json").read_text())["location"]
     reference = TeacherCache(single)
     assert reference.meta.n_shards >= 3
@@ -90,7 +108,8 @@ def test_ray_builds_a_cache_with_a_tail_shape_and_code_like_a_single_process_run
     tails = {"tail_shape": True, "tail_rank": 4}
     write_params(tmp_path, tiny_models, codealpaca_path, "single", N_TAILED, cache=tails)
     stages.prepare.main([])
-    stages.cache_teacher.main([])
+    with actor_threads():
+        stages.cache_teacher.main([])
     single = json.loads(Path("runs/teacher_cache.json").read_text())["location"]
     write_params(tmp_path, tiny_models, codealpaca_path, "on-ray", N_TAILED, cache=tails)
     stages.cache_teacher.main(["--ray", "--actors", "2"])

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -564,6 +565,24 @@ def test_tail_shape_is_the_teachers_mean_tail_over_the_calibration_rows(setup, s
     assert cache.log_tail_shape.shape == (vocab,)
     np.testing.assert_allclose(np.exp(cache.log_tail_shape.astype(np.float64)), expected,
                                rtol=1e-4)
+
+
+def test_a_tail_shape_cache_calibrates_in_one_teacher_pass(setup, tmp_path, monkeypatch):
+    """The vocabulary order and the tail shape come from one pass over the calibration
+    samples: each of them meets the teacher twice in all (again in its shard), the rest once."""
+    seen: Counter[str] = Counter()
+    row_hidden = HFTeacher._row_hidden
+
+    def counting(self, samples):
+        seen.update(s.sample_id for s in samples)
+        return row_hidden(self, samples)
+
+    monkeypatch.setattr(HFTeacher, "_row_hidden", counting)
+    monkeypatch.setattr(fmt, "CALIBRATION_ROWS", sum(s.n_loss_rows for s in setup["samples"]) // 3)
+    assert build(tmp_path / "c", setup, ingredients=replace(setup["ingredients"], tail_shape=True))
+    calibration = {s.sample_id for s in calibration_samples(setup["samples"])}
+    assert 0 < len(calibration) < len(setup["samples"])
+    assert seen == {s.sample_id: 2 if s.sample_id in calibration else 1 for s in setup["samples"]}
 
 
 def test_dense_shape_mode_spreads_the_exact_tail_by_the_shape(setup, shape_cache,

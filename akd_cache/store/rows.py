@@ -49,10 +49,12 @@ class TeacherBackend(Protocol):
 class TailShapeBackend(Protocol):
     """A backend that sees the whole distribution, so it can measure a cache's tail shape."""
 
-    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
-        """[V] float64: over the samples' loss rows, the mean of each row's distribution outside
-        its top-k, normalised to 1 (`store.format.log_tail_shape` turns it into the stored
-        shape)."""
+    def score_with_mean_tail(
+        self, samples: Sequence[TokenizedSample]
+    ) -> tuple[list[TeacherRows], np.ndarray]:
+        """`score(samples)`, and [V] float64: over the samples' loss rows, the mean of each
+        row's distribution outside its top-k, normalised to 1 (`store.format.log_tail_shape`
+        turns it into the stored shape). One pass gives both."""
         ...
 
 

@@ -123,17 +123,21 @@ def open_or_init(
     )
     tokens = write_tables(group, samples, plan, vocab_size)
     calibration = calibration_samples(samples)
-    calibration_ids = np.concatenate([r.topk_ids for r in teacher().score(calibration)])
-    common = {"compressors": fmt.CODECS, "config": fmt.WRITE_EVERY_CHUNK, "overwrite": True}
-    group.create_array(
-        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), **common
-    )
+    mean_tail = None
     if ingredients.tail_shape:
         backend = teacher()
         if not isinstance(backend, TailShapeBackend):
             raise ConfigError(f"cache.tail_shape: the {type(backend).__name__} teacher backend "
                               "cannot measure a tail shape; use teacher.backend 'hf'")
-        mean_tail = backend.mean_tail(calibration)
+        calibration_rows, mean_tail = backend.score_with_mean_tail(calibration)
+    else:
+        calibration_rows = teacher().score(calibration)
+    calibration_ids = np.concatenate([r.topk_ids for r in calibration_rows])
+    common = {"compressors": fmt.CODECS, "config": fmt.WRITE_EVERY_CHUNK, "overwrite": True}
+    group.create_array(
+        "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), **common
+    )
+    if mean_tail is not None:
         group.create_array(fmt.TAIL_SHAPE, data=fmt.log_tail_shape(mean_tail), **common)
     if ingredients.tail_rank:
         backend = teacher()

@@ -71,32 +71,32 @@ class HFTeacher:
         self.rows_per_chunk = max(1, LOGIT_CHUNK_BYTES // (self.vocab_size * FLOAT32_BYTES))
         self.tail_code: fmt.TailCode | None = None
 
-    @torch.inference_mode()
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
-        results: list[TeacherRows | None] = [None] * len(samples)
-        lengths = [len(s.input_ids) for s in samples]
-        for batch in length_buckets(lengths, self.batch_tokens):
-            for index, rows in zip(batch, self._score_batch([samples[i] for i in batch])):
-                results[index] = rows
-        return results  # type: ignore[return-value]
+        return self._score(samples, None)
 
-    @torch.inference_mode()
-    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
-        """Over every loss row, the mean of the distribution outside the row's top-k, each
-        normalised to 1 (`store.rows.TailShapeBackend`), at the cache's temperature."""
+    def score_with_mean_tail(
+        self, samples: Sequence[TokenizedSample]
+    ) -> tuple[list[TeacherRows], np.ndarray]:
+        """`score`, and over every loss row the mean of the distribution outside the row's
+        top-k, each normalised to 1 (`store.rows.TailShapeBackend`), at the cache's temperature:
+        one pass, as the writer calibrates both on the same samples."""
         if self.k >= self.vocab_size:
             raise ModelError(f"k = {self.k} covers the whole vocabulary: there is no tail to shape")
         total = torch.zeros(self.vocab_size, dtype=torch.float64)
-        rows = 0
+        rows = self._score(samples, total)
+        return rows, (total / sum(len(r) for r in rows)).numpy()
+
+    @torch.inference_mode()
+    def _score(self, samples: Sequence[TokenizedSample],
+               tail_total: torch.Tensor | None) -> list[TeacherRows]:
+        """`tail_total` [V], if given, gains each row's normalised tail."""
+        results: list[TeacherRows | None] = [None] * len(samples)
         lengths = [len(s.input_ids) for s in samples]
         for batch in length_buckets(lengths, self.batch_tokens):
-            row_hidden, _ = self._row_hidden([samples[i] for i in batch])
-            for start in range(0, len(row_hidden), self.rows_per_chunk):
-                logits = self._logits(row_hidden[start : start + self.rows_per_chunk])
-                tail = logits.scatter(-1, logits.topk(self.k, dim=-1).indices, float("-inf"))
-                total += tail.sub_(tail.logsumexp(-1, keepdim=True)).exp_().sum(0).cpu()
-                rows += len(logits)
-        return (total / rows).numpy()
+            scored = self._score_batch([samples[i] for i in batch], tail_total)
+            for index, rows in zip(batch, scored):
+                results[index] = rows
+        return results  # type: ignore[return-value]
 
     def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> fmt.TailCode:
         """`store.rows.TailCodeBackend`: fitted to the lm head at the cache's temperature on the
@@ -148,9 +148,10 @@ class HFTeacher:
         head = self.model.get_output_embeddings()
         return head(row_hidden).float() * (self.logit_scale / self.temperature)
 
-    def _score_batch(self, samples: list[TokenizedSample]) -> list[TeacherRows]:
+    def _score_batch(self, samples: list[TokenizedSample],
+                     tail_total: torch.Tensor | None) -> list[TeacherRows]:
         row_hidden, targets = self._row_hidden(samples)
-        topk_ids, topk_lp, tail, target_lp = self._lm_head_topk(row_hidden, targets)
+        topk_ids, topk_lp, tail, target_lp = self._lm_head_topk(row_hidden, targets, tail_total)
         codes = (None if self.tail_code is None
                  else self.tail_code.encode(row_hidden.float().cpu().numpy()))
         out, start = [], 0
@@ -164,7 +165,7 @@ class HFTeacher:
         return out
 
     def _lm_head_topk(
-        self, row_hidden: torch.Tensor, targets: torch.Tensor
+        self, row_hidden: torch.Tensor, targets: torch.Tensor, tail_total: torch.Tensor | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         for start in range(0, len(row_hidden), self.rows_per_chunk):
@@ -172,7 +173,11 @@ class HFTeacher:
             logits = self._logits(h)
             log_norm = logits.logsumexp(-1)
             values, ids = logits.topk(self.k, dim=-1)
-            tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_norm
+            tail_logits = logits.scatter(-1, ids, float("-inf"))
+            tail_lognorm = tail_logits.logsumexp(-1, keepdim=True)
+            tail = tail_lognorm[:, 0] - log_norm
+            if tail_total is not None:
+                tail_total += tail_logits.sub_(tail_lognorm).exp_().sum(0).cpu()
             target = logits.gather(-1, targets[start : start + len(h), None]).squeeze(-1)
             for part, value in zip(
                 parts, (ids, values - log_norm[:, None], tail, target - log_norm)

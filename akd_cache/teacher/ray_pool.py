@@ -54,8 +54,10 @@ class ShardWorker:
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
         return self.teacher().score(samples)
 
-    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
-        return self.teacher().mean_tail(samples)
+    def score_with_mean_tail(
+        self, samples: Sequence[TokenizedSample]
+    ) -> tuple[list[TeacherRows], np.ndarray]:
+        return self.teacher().score_with_mean_tail(samples)
 
     def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
         return self.teacher().fit_tail_code(samples, rank)
@@ -77,8 +79,10 @@ class RemoteTeacher:
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
         return ray.get(self.actor.score.remote(samples))
 
-    def mean_tail(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
-        return ray.get(self.actor.mean_tail.remote(samples))
+    def score_with_mean_tail(
+        self, samples: Sequence[TokenizedSample]
+    ) -> tuple[list[TeacherRows], np.ndarray]:
+        return ray.get(self.actor.score_with_mean_tail.remote(samples))
 
     def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
         return ray.get(self.actor.fit_tail_code.remote(samples, rank))
