@@ -173,11 +173,7 @@ class HFTeacher:
             logits = self._logits(h)
             log_norm = logits.logsumexp(-1)
             values, ids = logits.topk(self.k, dim=-1)
-            tail_logits = logits.scatter(-1, ids, float("-inf"))
-            tail_lognorm = tail_logits.logsumexp(-1, keepdim=True)
-            tail = tail_lognorm[:, 0] - log_norm
-            if tail_total is not None:
-                tail_total += tail_logits.sub_(tail_lognorm).exp_().sum(0).cpu()
+            tail = _tail_logmass(logits, ids, tail_total) - log_norm
             target = logits.gather(-1, targets[start : start + len(h), None]).squeeze(-1)
             for part, value in zip(
                 parts, (ids, values - log_norm[:, None], tail, target - log_norm)
@@ -185,3 +181,15 @@ class HFTeacher:
                 part.append(value.cpu())
         ids, lp, tail, target = (torch.cat(p) for p in parts)
         return ids.numpy(), lp.numpy(), tail.numpy(), target.numpy()
+
+
+def _tail_logmass(logits: torch.Tensor, ids: torch.Tensor,
+                  tail_total: torch.Tensor | None) -> torch.Tensor:
+    """The log of each row's unnormalised mass outside its top-k `ids`; `tail_total` [V], if
+    given, gains each row's tail normalised to 1. The masked copy of the chunk dies here, before
+    the next chunk's logits exist."""
+    tail_logits = logits.scatter(-1, ids, float("-inf"))
+    tail_lognorm = tail_logits.logsumexp(-1, keepdim=True)
+    if tail_total is not None:
+        tail_total += tail_logits.sub_(tail_lognorm).exp_().sum(0).cpu()
+    return tail_lognorm[:, 0]
