@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Ray cluster to join (default: RAY_ADDRESS, or a local one)")
     parser.add_argument("--actors", type=int, default=None,
                         help="teacher actors (default: one per GPU, or per --cpus-per-actor)")
-    parser.add_argument("--cpus-per-actor", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=int, default=None,
+                        help="CPUs per actor of a CPU teacher (default: RaySettings.cpus_per_actor)")
     args = parser.parse_args(argv)
     if args.ray and args.num_workers != 1:
         raise ConfigError("--ray schedules every shard itself; drop --num-workers")
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.ray:
         from akd_cache.teacher.ray_pool import RaySettings
 
-        ray = RaySettings(args.address, args.actors, args.cpus_per_actor)
+        given = {"cpus_per_actor": args.cpus_per_actor} if args.cpus_per_actor is not None else {}
+        ray = RaySettings(args.address, args.actors, **given)
     profile = load_stage_profile(args)
     pointer, dropped = CACHE_POINTERS[args.split], CACHE_DROPPED[args.split]
     examples = require_input(PREPARED_DIR / f"{args.split}.jsonl", "prepare")
