@@ -20,6 +20,10 @@ TruncationPolicy = Literal["truncate_response", "drop"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
 TailMode = Literal["bucket", "renormalize", "uniform", "shape", "lowrank"]
 # a torch device string; checked at load so a typo fails before any model loads
+# vLLM on a CPU reserves this share of a NUMA node's memory (its default, 0.92, fails to start
+# on a shared machine); on a GPU, of the card's
+VLLM_MEMORY_UTILIZATION = 0.3
+TEACHER_BATCH_TOKENS = 4096  # padded tokens per forward of the hf teacher
 DeviceName = Annotated[str, Field(pattern=r"^(cpu|cuda|mps|xpu)(:\d+)?$")]
 
 
@@ -80,8 +84,9 @@ class TeacherConfig(ModelRef):
     backend: Literal["hf", "vllm"] = "hf"
     dtype: DtypeName = "float32"
     device: DeviceName = "cpu"
-    batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward (hf backend)")
-    vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
+    batch_tokens: int = Field(TEACHER_BATCH_TOKENS, gt=0,
+                              description="padded tokens per forward (hf backend)")
+    vllm_memory_utilization: float = Field(VLLM_MEMORY_UTILIZATION, gt=0, le=1)
 
     @model_validator(mode="after")
     def _backend_settings(self) -> TeacherConfig:
@@ -285,7 +290,7 @@ class EvalConfig(Strict):
     backend: Literal["hf", "vllm"] = "hf"
     dtype: DtypeName = "float32"
     device: DeviceName = Field("cpu", description="the hf backend's; vLLM picks its own")
-    vllm_memory_utilization: float = Field(0.3, gt=0, le=1)
+    vllm_memory_utilization: float = Field(VLLM_MEMORY_UTILIZATION, gt=0, le=1)
     taxonomy_workers: int = Field(2, gt=0)
 
     @model_validator(mode="after")

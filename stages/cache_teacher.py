@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actors", type=int, default=None,
                         help="teacher actors (default: one per GPU, or per --cpus-per-actor)")
     parser.add_argument("--cpus-per-actor", type=int, default=None,
-                        help="CPUs per actor of a CPU teacher (default: RaySettings.cpus_per_actor)")
+                        help="CPUs per CPU-teacher actor (default: RaySettings.cpus_per_actor)")
     args = parser.parse_args(argv)
     if args.ray and args.num_workers != 1:
         raise ConfigError("--ray schedules every shard itself; drop --num-workers")

@@ -5,11 +5,12 @@
     akd fidelity --no-teacher                     # the held-out cache's view only
 
 Each model gets `runs/fidelity/<name>.json`: exact full-vocabulary FKL and RKL against the live
-teacher (loaded for this evaluation only), the held-out cache's bucket and uniform view of the
-same, the NLL of the reference responses, top-1 agreement and the student's mass outside the
-teacher's top-k, each a mean over samples with a bootstrap 95% interval. One model at a time
-is on `fidelity.device` (the teacher first, then each student), so the paper's 7B teacher and
-its 1B students need one card's worth of one of them, not of all.
+teacher (loaded for this evaluation only), the held-out cache's view of the same in each tail mode
+it supports (bucket and uniform; shape and lowrank when it stores them), the NLL of the reference
+responses, top-1 agreement and the student's mass outside the teacher's top-k, each a mean over
+samples with a bootstrap 95% interval. One model at a time is on `fidelity.device` (the teacher
+first, then each student), so the paper's 7B teacher and its 1B students need one card's worth of
+one of them, not of all.
 """
 
 from __future__ import annotations

@@ -79,6 +79,9 @@ os._exit(0)
 
 @dataclass(frozen=True)
 class Limits:
+    """Per-task bounds. A HumanEval+/MBPP+ task's tests run in well under a second; these stop a
+    runaway or hostile solution (a loop, a memory or disk bomb) without failing a correct one."""
+
     cpu_seconds: int = 5
     memory_bytes: int = 1024 * MIB
     file_bytes: int = 1 * MIB

@@ -53,6 +53,7 @@ GT_TIME_LIMIT_FACTOR = 4.0  # evalplus's default: a test may take 4x the canonic
 # evalplus's 4 GiB fails canonical Mbpp/255 (1.7 M tuples of 77 items, while the worker also holds
 # that expected output); 16 GiB passes all of MBPP+ (evalplus lowers it to the physical RAM).
 MAX_MEMORY_BYTES = 16 * GIB
+LOG_TAIL_CHARS = 2000  # of evalplus's log, in the error when it fails
 _CHILD = (
     "import json, os, sys\n"
     "from evalplus.evaluate import evaluate\n"
@@ -168,7 +169,8 @@ def _run_evalplus(kwargs: dict, env: dict[str, str], log: Path) -> None:
             check=False,
         )
     if proc.returncode != 0:
-        raise RuntimeError(f"evalplus failed ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        tail = log.read_text()[-LOG_TAIL_CHARS:]
+        raise RuntimeError(f"evalplus failed ({proc.returncode}):\n{tail}")
 
 
 def score(

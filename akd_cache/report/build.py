@@ -45,9 +45,9 @@ SECTIONS: tuple[Section, ...] = (
         "(response positions only; nat/token, per-sample length-normalised means with a "
         "bootstrap 95% interval over samples). Exact FKL = KL(teacher || student) and RKL = "
         "KL(student || teacher) are over the full vocabulary against the live teacher; bucket, "
-        "uniform and (for a cache with a tail shape) shape are the held-out cache's view of the "
-        "same in each tail mode (what a user without the teacher sees); NLL ref is the "
-        "student's NLL of the reference responses, top-1 agree the share "
+        "uniform, shape (for a cache with a tail shape) and lowrank (with a tail code) are the "
+        "held-out cache's view of the same in each tail mode (what a user without the teacher "
+        "sees); NLL ref is the student's NLL of the reference responses, top-1 agree the share "
         "of positions where both argmaxes agree, tail mass the student's mass outside the "
         "teacher's cached top-k.",
         fidelity_table,

@@ -1,9 +1,9 @@
 """The content address of a teacher cache: a hash of the ingredients it is given.
 
 Two experiments share a cache exactly when every ingredient below matches. Which ingredients
-identify the teacher (a weights checksum for a local folder, id and revision for a hub model) is
-decided in `akd_cache.teacher.identity`; the dataset enters by a sha256 of its rows and of the
-exact examples that were cached, never by file mtimes.
+identify the teacher (its name in the params and revision, plus a weights checksum for a local
+folder) is decided in `akd_cache.teacher.identity`; the dataset enters by a sha256 of its rows and
+of the exact examples that were cached, never by file mtimes.
 """
 
 from __future__ import annotations

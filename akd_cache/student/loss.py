@@ -5,8 +5,8 @@ trainer calls; beta's own optimiser and resets are `akd.py`.
 The cache holds, per response position, the teacher's top-k log-probabilities (normalised over
 the full vocabulary, already at the training temperature) and the log of the mass outside them.
 The student has full logits, so everything the teacher lacks must be assumed; `TailMode` names
-the four assumptions on offer (the "shape" one also needs the cache's tail shape over the
-vocabulary). `topk_divergences` works on materialised logits,
+the five assumptions on offer ("shape" also needs the cache's tail shape over the vocabulary,
+"lowrank" its per-row tail code). `topk_divergences` works on materialised logits,
 `fused_divergence_loss` chunks positions through the lm head so that the [N, V] float32 logits
 never exist at once. An online run has the live teacher instead (`LiveTeacher`): its lm head
 runs on the same chunks, and FKL and RKL are exact over the full vocabulary.

@@ -1,10 +1,10 @@
 """Stage 2: train the student against the teacher cache on transformers' Trainer.
 
-The Trainer drives a `DistillationModule`: the student's decoder, then `loss.py`'s objective
-on the loss positions only, so [batch, seq, vocab] logits never exist and DDP / FSDP wrap the
-whole step unchanged (`torchrun` or `accelerate launch`). An online run is the same module with
-the live teacher's decoder run beside the student without grad; its data, order and seed are the
-cache run's. beta is updated after every training batch from the batch means of the per-sample
+The Trainer drives a `DistillationModule`: the student's decoder, then `loss.py`'s objective on the
+loss positions only, so [batch, seq, vocab] logits never exist and DDP / FSDP wrap the whole step
+unchanged (`torchrun` or `accelerate launch`). An online run is the same module with the live
+teacher's decoder run beside the student without grad; its data, order and seed are the cache run's.
+beta is updated once per optimizer step from the means, over its micro-batches, of the per-sample
 normalised FKL and RKL, averaged over processes so every rank holds the same beta; its state is
 saved in each checkpoint, which counts only once complete (`checkpoints.py`). Every save step is
 also a logging step, so the log a resumed run continues covers each step exactly once.

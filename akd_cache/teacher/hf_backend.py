@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from akd_cache.config import TEACHER_BATCH_TOKENS
 from akd_cache.errors import ModelError
 from akd_cache.store import format as fmt
 from akd_cache.store.rows import TeacherRows, TokenizedSample
@@ -49,7 +50,7 @@ class HFTeacher:
         temperature: float = 1.0,
         dtype: str = "float32",
         device: str = "cpu",
-        batch_tokens: int = 4096,
+        batch_tokens: int = TEACHER_BATCH_TOKENS,
         revision: str | None = None,
     ) -> None:
         if isinstance(model, str):

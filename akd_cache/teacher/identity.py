@@ -1,8 +1,11 @@
 """Which teacher produced an output: the ingredients every teacher cache and generation share.
 
-Local model folders are identified by a checksum of their weights, so a re-converted or copied
-folder still matches; hub models by id and revision (pin a commit: a branch name such as `main`
-can move).
+A teacher is named as the params name it (`teacher.model`: a hub id, or a local folder's path as
+written) and, for a local folder, also by a checksum of its weights, so a folder re-converted to
+other weights gets a new key. The name stays in the key because Stage 2 checks a cache against
+the params without the teacher (`build.check_cache_settings`): a folder moved to another path
+therefore gets a new key too. Hub models are named by id and revision (pin a commit: a branch
+name such as `main` can move).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from akd_cache.config import VLLM_MEMORY_UTILIZATION
 from akd_cache.errors import ModelError
 from akd_cache.generation import run_vllm
 from akd_cache.store.rows import TeacherRows, TokenizedSample, tail_from_topk
@@ -69,7 +70,7 @@ class VLLMTeacher:
         k: int,
         temperature: float = 1.0,
         dtype: str = "float32",
-        memory_utilization: float = 0.3,
+        memory_utilization: float = VLLM_MEMORY_UTILIZATION,
         revision: str | None = None,
         max_model_len: int | None = None,
         enforce_eager: bool = False,
