@@ -34,6 +34,7 @@ from akd_cache.store.reader import CacheDataset, CacheError, TeacherCache, colla
 from akd_cache.store.writer import IncompatibleCacheError, calibration_samples, fill, plan_shards
 from akd_cache.teacher.build import make_ingredients
 from akd_cache.teacher.hf_backend import HFTeacher
+from akd_cache.teacher.identity import teacher_identity
 
 K = 16
 SHARD_ROWS = 600
@@ -206,6 +207,7 @@ from akd_cache.store.key import CacheIngredients
 from akd_cache.store.rows import TokenizedSample
 from akd_cache.store.writer import fill
 from akd_cache.teacher.hf_backend import HFTeacher
+from akd_cache.teacher.identity import teacher_identity
 
 model, location, shard_rows, k, marker = sys.argv[1:]
 spec = json.loads(Path(location + ".spec.json").read_text())
@@ -355,6 +357,37 @@ def test_key_changes_with_every_ingredient(setup):
                "tail_shape": True, "tail_rank": 8, "tail_code_fit": 1}
     keys = {replace(base, **{name: value}).key() for name, value in changes.items()}
     assert len(keys | {base.key()}) == len(changes) + 1
+
+
+def test_a_local_teacher_is_named_by_its_path_and_by_its_weights(tiny_models, tmp_path):
+    """What the README promises of a local teacher folder: a copy at another path keeps the
+    weights checksum but not the name (Stage 2 checks a cache by name, without the teacher), and
+    other weights at the same path change the checksum. The checksum is checked against a
+    sha256 over the config and weight files written out by hand."""
+    source = tiny_models["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    copy = tmp_path / "moved"
+    shutil.copytree(source, copy)
+
+    def identity(folder: Path) -> dict:
+        return teacher_identity(TeacherConfig(model=str(folder)), str(folder), tokenizer)
+
+    original, moved = identity(source), identity(copy)
+    by_hand = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        by_hand.update(name.encode() + (copy / name).read_bytes())
+    assert original["teacher_weights_sha256"] == moved["teacher_weights_sha256"]
+    assert moved["teacher_weights_sha256"] == by_hand.hexdigest()
+    assert (original["teacher"], moved["teacher"]) == (str(source), str(copy))
+
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: other weights, same layout
+    weights.write_bytes(bytes(data))
+    reconverted = identity(copy)
+    assert reconverted["teacher_weights_sha256"] != moved["teacher_weights_sha256"]
+    assert {key: value for key, value in reconverted.items() if key != "teacher_weights_sha256"} \
+        == {key: value for key, value in moved.items() if key != "teacher_weights_sha256"}
 
 
 def test_key_of_fixed_ingredients_is_stable():
