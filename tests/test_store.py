@@ -207,7 +207,6 @@ from akd_cache.store.key import CacheIngredients
 from akd_cache.store.rows import TokenizedSample
 from akd_cache.store.writer import fill
 from akd_cache.teacher.hf_backend import HFTeacher
-from akd_cache.teacher.identity import teacher_identity
 
 model, location, shard_rows, k, marker = sys.argv[1:]
 spec = json.loads(Path(location + ".spec.json").read_text())
