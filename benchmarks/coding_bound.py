@@ -198,7 +198,7 @@ def teacher_pass(samples: list, teacher_dir: Path, ranks: list[int], vocab: int
     side by side), and each code's logit half (bias, basis, step), in sample order."""
     teacher = HFTeacher(str(teacher_dir), k=K, batch_tokens=2048)
     calibration = calibration_samples(samples)
-    codes = {rank: teacher.fit_tail_code(calibration, rank)
+    codes = {rank: teacher.calibrate(calibration, False, rank).tail_code
              for rank in tqdm(ranks, desc="tail code fits", unit="rank")}
     combined, offsets = side_by_side(codes, vocab)
     teacher.use_tail_code(combined)

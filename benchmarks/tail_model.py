@@ -65,13 +65,13 @@ def main() -> None:
     n_cal = sum(s.n_loss_rows for s in calibration)
     codes = {}
     for rank in tqdm(RANKS, desc="tail code fits", unit="rank"):
-        codes[rank] = HFTeacher(full.model, k=KS[0]).fit_tail_code(calibration, rank)
+        codes[rank] = HFTeacher(full.model, k=KS[0]).calibrate(calibration, False, rank).tail_code
     combined, offsets = side_by_side(codes, vocab)
     columns = rank_columns(list(RANKS))
     full.use_tail_code(combined)
     steps = {(r, s): float(s * fmt.tail_code_step(vocab, r)[0]) for r in RANKS for s in STEPS}
-    shapes = {k: fmt.log_tail_shape(HFTeacher(full.model, k=k).score_with_mean_tail(calibration)[1])
-              for k in KS}
+    shapes = {k: fmt.log_tail_shape(HFTeacher(full.model, k=k).calibrate(calibration, True, 0)
+                                    .mean_tail) for k in KS}
     cal_ids = np.concatenate([r.topk_ids for r in
                               HFTeacher(full.model, k=max(KS)).score(calibration)])
     tokens = np.concatenate([np.asarray(s.input_ids) for s in samples])

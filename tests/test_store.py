@@ -599,9 +599,13 @@ def test_tail_shape_is_the_teachers_mean_tail_over_the_calibration_rows(setup, s
                                rtol=1e-4)
 
 
-def test_a_tail_shape_cache_calibrates_in_one_teacher_pass(setup, tmp_path, monkeypatch):
-    """The vocabulary order and the tail shape come from one pass over the calibration
-    samples: each of them meets the teacher twice in all (again in its shard), the rest once."""
+@pytest.mark.parametrize("tail", [{"tail_shape": True}, {"tail_rank": 8},
+                                  {"tail_shape": True, "tail_rank": 8}])
+def test_a_modelled_tail_cache_calibrates_in_one_teacher_pass(setup, tmp_path, monkeypatch,
+                                                              tail):
+    """The vocabulary order, the tail shape and the tail code come from one pass over the
+    calibration samples: each of them meets the teacher twice in all (again in its shard), the
+    rest once."""
     seen: Counter[str] = Counter()
     row_hidden = HFTeacher._row_hidden
 
@@ -611,7 +615,10 @@ def test_a_tail_shape_cache_calibrates_in_one_teacher_pass(setup, tmp_path, monk
 
     monkeypatch.setattr(HFTeacher, "_row_hidden", counting)
     monkeypatch.setattr(fmt, "CALIBRATION_ROWS", sum(s.n_loss_rows for s in setup["samples"]) // 3)
-    assert build(tmp_path / "c", setup, ingredients=replace(setup["ingredients"], tail_shape=True))
+    assert build(tmp_path / "c", setup, ingredients=replace(setup["ingredients"], **tail))
+    cache = TeacherCache(str(tmp_path / "c"))
+    assert (cache.log_tail_shape is not None) == ("tail_shape" in tail)
+    assert (cache.tail_code is not None) == ("tail_rank" in tail)
     calibration = {s.sample_id for s in calibration_samples(setup["samples"])}
     assert 0 < len(calibration) < len(setup["samples"])
     assert seen == {s.sample_id: 2 if s.sample_id in calibration else 1 for s in setup["samples"]}
@@ -689,7 +696,7 @@ def test_tail_code_rebuilds_the_teachers_logits_and_loses_less_with_each_rank(se
     logits = torch.cat([lg for _, lg in rows])
     errors = {}
     for rank in (4, 16, TINY_HIDDEN):
-        code = setup["teacher"].fit_tail_code(calibration, rank)
+        code = setup["teacher"].calibrate(calibration, False, rank).tail_code
         assert code.basis.shape == (len(setup["tokenizer"]), rank)
         mean, encoder, basis, bias = (torch.from_numpy(a).double() for a in
                                       (code.mean, code.encoder, code.basis, code.bias))
@@ -704,7 +711,7 @@ def test_tail_code_rebuilds_the_teachers_logits_and_loses_less_with_each_rank(se
                                - random_dirs @ random_dirs.T) @ weight.T).pow(2).mean().item()
     assert errors[16] < random_error
     with pytest.raises(ModelError, match="tail_rank 65 is not in"):
-        setup["teacher"].fit_tail_code(calibration, TINY_HIDDEN + 1)
+        setup["teacher"].calibrate(calibration, False, TINY_HIDDEN + 1)
 
 
 def tail_kl(logits: torch.Tensor, rebuilt: torch.Tensor, k: int) -> float:
@@ -735,7 +742,7 @@ def test_tail_code_is_fitted_to_the_tails_kl_not_the_logits(setup):
     logits = torch.cat([lg for _, lg in rows]) / SHARP_TEMPERATURE
     rank = 8
     teacher = HFTeacher(setup["model"], k=K, temperature=SHARP_TEMPERATURE)
-    code = teacher.fit_tail_code(calibration, rank)
+    code = teacher.calibrate(calibration, False, rank).tail_code
     mean, encoder, basis, bias = (torch.from_numpy(a).double() for a in
                                   (code.mean, code.encoder, code.basis, code.bias))
     fitted = tail_kl(logits, bias + (hidden - mean) @ encoder @ basis.T, K)

@@ -45,26 +45,27 @@ class TeacherBackend(Protocol):
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]: ...
 
 
-@runtime_checkable
-class TailShapeBackend(Protocol):
-    """A backend that sees the whole distribution, so it can measure a cache's tail shape."""
+@dataclass(frozen=True)
+class Calibration:
+    """What a new cache takes from its calibration samples, all from one teacher pass."""
 
-    def score_with_mean_tail(
-        self, samples: Sequence[TokenizedSample]
-    ) -> tuple[list[TeacherRows], np.ndarray]:
-        """`score(samples)`, and [V] float64: over the samples' loss rows, the mean of each
-        row's distribution outside its top-k, normalised to 1 (`store.format.log_tail_shape`
-        turns it into the stored shape). One pass gives both."""
-        ...
+    rows: list[TeacherRows]  # the samples' rows: their top-k ids order the vocabulary
+    mean_tail: np.ndarray | None = None  # [V] float64, the mean of each row's normalised tail
+    tail_code: TailCode | None = None
 
 
 @runtime_checkable
-class TailCodeBackend(Protocol):
-    """A backend that sees the teacher's final hidden states, so it can code them per row."""
+class TailModelBackend(Protocol):
+    """A backend that sees the whole distribution and the final hidden states, so it can model
+    the mass outside the top-k: measure a cache's tail shape, and fit and apply its tail code."""
 
-    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
-        """The r-dimensional code whose rebuilt tails lose the least KL over the samples' loss
-        rows (`store.format.TailCode`)."""
+    def calibrate(self, samples: Sequence[TokenizedSample], tail_shape: bool,
+                  tail_rank: int) -> Calibration:
+        """`score(samples)`, with what the settings ask for: over the samples' loss rows the
+        mean of each row's distribution outside its top-k, normalised to 1
+        (`store.format.log_tail_shape` turns it into the stored shape), and the r-dimensional
+        code whose rebuilt tails lose the least KL (`store.format.TailCode`; r = `tail_rank`, 0:
+        none)."""
         ...
 
     def use_tail_code(self, code: TailCode | None) -> None:

@@ -32,8 +32,8 @@ from akd_cache.store import integrity
 from akd_cache.store.key import CacheIngredients, hash_key
 from akd_cache.store.lock import WriterLock
 from akd_cache.store.rows import (
-    TailCodeBackend,
-    TailShapeBackend,
+    Calibration,
+    TailModelBackend,
     TeacherBackend,
     TeacherRows,
     TokenizedSample,
@@ -122,31 +122,33 @@ def open_or_init(
         tail_rank=ingredients.tail_rank,
     )
     tokens = write_tables(group, samples, plan, vocab_size)
-    calibration = calibration_samples(samples)
-    mean_tail = None
-    if ingredients.tail_shape:
-        backend = teacher()
-        if not isinstance(backend, TailShapeBackend):
-            raise ConfigError(f"cache.tail_shape: the {type(backend).__name__} teacher backend "
-                              "cannot measure a tail shape; use teacher.backend 'hf'")
-        calibration_rows, mean_tail = backend.score_with_mean_tail(calibration)
-    else:
-        calibration_rows = teacher().score(calibration)
-    calibration_ids = np.concatenate([r.topk_ids for r in calibration_rows])
+    calibration = calibrate(teacher(), calibration_samples(samples), ingredients)
+    calibration_ids = np.concatenate([r.topk_ids for r in calibration.rows])
     common = {"compressors": fmt.CODECS, "config": fmt.WRITE_EVERY_CHUNK, "overwrite": True}
     group.create_array(
         "vocab_rank", data=fmt.vocab_rank(calibration_ids, tokens, vocab_size), **common
     )
-    if mean_tail is not None:
-        group.create_array(fmt.TAIL_SHAPE, data=fmt.log_tail_shape(mean_tail), **common)
-    if ingredients.tail_rank:
-        backend = teacher()
-        if not isinstance(backend, TailCodeBackend):
-            raise ConfigError(f"cache.tail_rank: the {type(backend).__name__} teacher backend "
-                              "cannot code hidden states; use teacher.backend 'hf'")
-        backend.fit_tail_code(calibration, ingredients.tail_rank).write(group)
+    if calibration.mean_tail is not None:
+        group.create_array(fmt.TAIL_SHAPE, data=fmt.log_tail_shape(calibration.mean_tail),
+                           **common)
+    if calibration.tail_code is not None:
+        calibration.tail_code.write(group)
     fresh.write(group)
     return group, plan
+
+
+def calibrate(backend: TeacherBackend, samples: Sequence[TokenizedSample],
+              ingredients: CacheIngredients) -> Calibration:
+    """One pass of the teacher over the calibration samples, with what the cache's tail model
+    needs from them; a backend that sees only the top-k can calibrate a plain cache alone."""
+    if not (ingredients.tail_shape or ingredients.tail_rank):
+        return Calibration(backend.score(samples))
+    if not isinstance(backend, TailModelBackend):
+        setting, needs = (("tail_shape", "measure a tail shape") if ingredients.tail_shape
+                          else ("tail_rank", "code hidden states"))
+        raise ConfigError(f"cache.{setting}: the {type(backend).__name__} teacher backend "
+                          f"cannot {needs}; use teacher.backend 'hf'")
+    return backend.calibrate(samples, ingredients.tail_shape, ingredients.tail_rank)
 
 
 def new_meta(
@@ -326,7 +328,7 @@ def fill_shard(
     process holding the samples can do it alone, so a shard is the unit workers share out."""
     members = [samples[i] for i in plan.samples_in(shard)]
     code = fmt.TailCode.read(group) if fmt.TAIL_CODE in group else None
-    if isinstance(teacher, TailCodeBackend):  # also clears a code left by another cache
+    if isinstance(teacher, TailModelBackend):  # also clears a code left by another cache
         teacher.use_tail_code(code)
     elif code is not None:
         raise ConfigError(f"cache.tail_rank: the {type(teacher).__name__} teacher backend "

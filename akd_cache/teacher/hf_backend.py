@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from akd_cache.config import TEACHER_BATCH_TOKENS
 from akd_cache.errors import ModelError
 from akd_cache.store import format as fmt
-from akd_cache.store.rows import TeacherRows, TokenizedSample
+from akd_cache.store.rows import Calibration, TeacherRows, TokenizedSample
 from akd_cache.teacher.tail_code_fit import fit_tail_code
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
@@ -73,53 +73,51 @@ class HFTeacher:
         self.tail_code: fmt.TailCode | None = None
 
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
-        return self._score(samples, None)
+        return self._score(samples)
 
-    def score_with_mean_tail(
-        self, samples: Sequence[TokenizedSample]
-    ) -> tuple[list[TeacherRows], np.ndarray]:
-        """`score`, and over every loss row the mean of the distribution outside the row's
-        top-k, each normalised to 1 (`store.rows.TailShapeBackend`), at the cache's temperature:
-        one pass, as the writer calibrates both on the same samples."""
-        if self.k >= self.vocab_size:
-            raise ModelError(f"k = {self.k} covers the whole vocabulary: there is no tail to shape")
-        total = torch.zeros(self.vocab_size, dtype=torch.float64)
-        rows = self._score(samples, total)
-        return rows, (total / sum(len(r) for r in rows)).numpy()
+    def calibrate(self, samples: Sequence[TokenizedSample], tail_shape: bool,
+                  tail_rank: int) -> Calibration:
+        """`store.rows.TailModelBackend`: the shape and the code at the cache's temperature, the
+        code fitted to the lm head (`teacher.tail_code_fit`), both from the one pass that scores
+        the samples."""
+        hidden_size = self.model.get_output_embeddings().weight.shape[1]
+        if tail_rank and not 0 < tail_rank <= hidden_size:
+            raise ModelError(f"tail_rank {tail_rank} is not in [1, {hidden_size}], the "
+                             "teacher's hidden size")
+        if (tail_shape or tail_rank) and self.k >= self.vocab_size:
+            raise ModelError(f"k = {self.k} covers the whole vocabulary: there is no tail to "
+                             "model")
+        tail_total = torch.zeros(self.vocab_size, dtype=torch.float64) if tail_shape else None
+        hidden: list[torch.Tensor] = []
+        rows = self._score(samples, tail_total, hidden if tail_rank else None)
+        mean_tail = None
+        if tail_total is not None:
+            mean_tail = (tail_total / sum(len(r) for r in rows)).numpy()
+        code = self._fit_tail_code(torch.cat(hidden), tail_rank) if tail_rank else None
+        return Calibration(rows, mean_tail, code)
 
     @torch.inference_mode()
-    def _score(self, samples: Sequence[TokenizedSample],
-               tail_total: torch.Tensor | None) -> list[TeacherRows]:
-        """`tail_total` [V], if given, gains each row's normalised tail."""
+    def _score(self, samples: Sequence[TokenizedSample], tail_total: torch.Tensor | None = None,
+               hidden: list[torch.Tensor] | None = None) -> list[TeacherRows]:
+        """`tail_total` [V], if given, gains each row's normalised tail; `hidden`, if given,
+        gains each batch's loss-row hidden states (float32, batches in length order)."""
         results: list[TeacherRows | None] = [None] * len(samples)
         lengths = [len(s.input_ids) for s in samples]
         for batch in length_buckets(lengths, self.batch_tokens):
-            scored = self._score_batch([samples[i] for i in batch], tail_total)
+            scored = self._score_batch([samples[i] for i in batch], tail_total, hidden)
             for index, rows in zip(batch, scored):
                 results[index] = rows
         return results  # type: ignore[return-value]
 
-    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> fmt.TailCode:
-        """`store.rows.TailCodeBackend`: fitted to the lm head at the cache's temperature on the
-        samples' loss rows (`teacher.tail_code_fit`)."""
-        hidden_size = self.model.get_output_embeddings().weight.shape[1]
-        if not 0 < rank <= hidden_size:
-            raise ModelError(f"tail_rank {rank} is not in [1, {hidden_size}], the teacher's "
-                             "hidden size")
-        if self.k >= self.vocab_size:
-            raise ModelError(f"k = {self.k} covers the whole vocabulary: there is no tail to code")
-        lengths = [len(s.input_ids) for s in samples]
-        with torch.inference_mode():
-            rows = torch.cat([self._row_hidden([samples[i] for i in batch])[0].float()
-                              for batch in length_buckets(lengths, self.batch_tokens)])
-        if len(rows) < rank:
+    def _fit_tail_code(self, hidden: torch.Tensor, rank: int) -> fmt.TailCode:
+        if len(hidden) < rank:
             raise ModelError(f"tail_rank {rank} needs at least as many calibration rows, and "
-                             f"there are {len(rows)}")
+                             f"there are {len(hidden)}")
         head = self.model.get_output_embeddings()
         scale = self.logit_scale / self.temperature
         bias = None if head.bias is None else head.bias.detach().float() * scale
         # a clone outside inference mode: the fit differentiates through products with the rows
-        return fit_tail_code(rows.clone(), head.weight.detach().float() * scale, bias, self.k,
+        return fit_tail_code(hidden.clone(), head.weight.detach().float() * scale, bias, self.k,
                              rank)
 
     def use_tail_code(self, code: fmt.TailCode | None) -> None:
@@ -149,9 +147,11 @@ class HFTeacher:
         head = self.model.get_output_embeddings()
         return head(row_hidden).float() * (self.logit_scale / self.temperature)
 
-    def _score_batch(self, samples: list[TokenizedSample],
-                     tail_total: torch.Tensor | None) -> list[TeacherRows]:
+    def _score_batch(self, samples: list[TokenizedSample], tail_total: torch.Tensor | None,
+                     hidden: list[torch.Tensor] | None) -> list[TeacherRows]:
         row_hidden, targets = self._row_hidden(samples)
+        if hidden is not None:
+            hidden.append(row_hidden.float())
         topk_ids, topk_lp, tail, target_lp = self._lm_head_topk(row_hidden, targets, tail_total)
         codes = (None if self.tail_code is None
                  else self.tail_code.encode(row_hidden.float().cpu().numpy()))

@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import fsspec
-import numpy as np
 import ray
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 from akd_cache.store.format import TailCode, open_cache_group
-from akd_cache.store.rows import TeacherBackend, TeacherRows, TokenizedSample
+from akd_cache.store.rows import Calibration, TeacherBackend, TeacherRows, TokenizedSample
 from akd_cache.store.writer import ShardPlan, fill_shard
 
 ACTOR_RETRIES = 3  # restarts of a dead actor, and reruns of the shard it held
@@ -54,13 +53,9 @@ class ShardWorker:
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
         return self.teacher().score(samples)
 
-    def score_with_mean_tail(
-        self, samples: Sequence[TokenizedSample]
-    ) -> tuple[list[TeacherRows], np.ndarray]:
-        return self.teacher().score_with_mean_tail(samples)
-
-    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
-        return self.teacher().fit_tail_code(samples, rank)
+    def calibrate(self, samples: Sequence[TokenizedSample], tail_shape: bool,
+                  tail_rank: int) -> Calibration:
+        return self.teacher().calibrate(samples, tail_shape, tail_rank)
 
     def fill(self, plan: ShardPlan, shard: int) -> int:
         group = open_cache_group(self.location, mode="r+")
@@ -69,9 +64,9 @@ class ShardWorker:
 
 
 class RemoteTeacher:
-    """The teacher on an actor, as the driver calibrates with it: it scores, and measures the
-    tail shape and fits the tail code on the actor's backend (an hf teacher: the profile
-    refuses those settings for any other), so the driver never loads a teacher."""
+    """The teacher on an actor, as the driver calibrates with it: it scores, or calibrates a
+    modelled tail on the actor's backend (an hf teacher: the profile refuses those settings for
+    any other), so the driver never loads a teacher."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
@@ -79,13 +74,9 @@ class RemoteTeacher:
     def score(self, samples: Sequence[TokenizedSample]) -> list[TeacherRows]:
         return ray.get(self.actor.score.remote(samples))
 
-    def score_with_mean_tail(
-        self, samples: Sequence[TokenizedSample]
-    ) -> tuple[list[TeacherRows], np.ndarray]:
-        return ray.get(self.actor.score_with_mean_tail.remote(samples))
-
-    def fit_tail_code(self, samples: Sequence[TokenizedSample], rank: int) -> TailCode:
-        return ray.get(self.actor.fit_tail_code.remote(samples, rank))
+    def calibrate(self, samples: Sequence[TokenizedSample], tail_shape: bool,
+                  tail_rank: int) -> Calibration:
+        return ray.get(self.actor.calibrate.remote(samples, tail_shape, tail_rank))
 
     def use_tail_code(self, code: TailCode | None) -> None:
         """Nothing to do: each actor reads the code from the cache before it fills a shard
