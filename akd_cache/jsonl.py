@@ -5,14 +5,15 @@ split at U+2028, U+0085 and the other breaks that JSON leaves unescaped inside s
 decoding the whole file first would let one bad byte fail every line. An unterminated last line
 is what a killed writer leaves: files that are appended to are read with `complete_only`, and
 `append` cuts such a line off before it writes, so two records never merge. `write_json` writes
-a whole JSON document (metadata, metrics) with the same atomic replace.
+a whole JSON document (metadata, metrics) with the same atomic replace; `read_json` reads one
+back, checked, so that a damaged file is one line naming it rather than a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,6 +22,7 @@ from akd_cache.errors import DataError
 
 NEWLINE = b"\n"
 TAIL_BLOCK_BYTES = 1 << 16
+JSON_NAMES = {list: "list", dict: "object"}
 
 
 class JsonlError(DataError):
@@ -76,6 +78,28 @@ def read(path: str | Path, complete_only: bool = False) -> list[Any]:
         if isinstance(value, BadLine):
             raise JsonlError(f"{path}: line {value.line_no}: {value.reason}")
     return values
+
+
+def read_json(path: str | Path, kind: type[list | dict] = dict,
+              required: Collection[str] = ()) -> Any:
+    """A whole JSON document that must be a `kind` (an object: holding the `required` keys)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 at byte offset {err.start} "
+                        f"(0x{data[err.start]:02x}); re-encode the file as UTF-8") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: expected a JSON {JSON_NAMES[kind]}, got "
+                        f"{type(value).__name__}")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise DataError(f"{path}: no {missing[0]!r} key")
+    return value
 
 
 def _encode(record: Any, ensure_ascii: bool) -> bytes:

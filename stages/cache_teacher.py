@@ -14,7 +14,6 @@ the same bytes as a single-process run's, so how it was scheduled is no paramete
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 from akd_cache import jsonl
@@ -26,6 +25,7 @@ from stages.common import (
     CACHE_POINTERS,
     PREPARED_DIR,
     load_stage_profile,
+    read_output,
     require_input,
     stage_args,
     write_json,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     profile = load_stage_profile(args)
     pointer, dropped = CACHE_POINTERS[args.split], CACHE_DROPPED[args.split]
     examples = require_input(PREPARED_DIR / f"{args.split}.jsonl", "prepare")
-    summary = json.loads(require_input(PREPARED_DIR / "summary.json", "prepare").read_text())
+    summary = read_output(PREPARED_DIR / "summary.json", "prepare", ["dataset_sha256"])
     cache = profile.cache
     if args.split == "heldout":
         cache = cache.model_copy(update={"root": profile.fidelity.cache_root})

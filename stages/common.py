@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from pathlib import Path
 
 from akd_cache import jsonl
 from akd_cache.config import Profile, load_params
-from akd_cache.errors import MissingInputError
+from akd_cache.errors import DataError, MissingInputError
 
 PREPARED_DIR = Path("data/prepared")
 RUNS_DIR = Path("runs")
@@ -39,3 +40,11 @@ def require_input(path: Path, producer: str) -> Path:
         raise MissingInputError(f"{path}: not found; run `akd {producer}` first")
     return path
 
+
+def read_output(path: Path, producer: str, required: Collection[str] = ()) -> dict:
+    """An earlier stage's JSON document (a pointer, a summary): a damaged one is a one-line
+    error naming the file and the command that writes it again."""
+    try:
+        return jsonl.read_json(require_input(path, producer), dict, required)
+    except DataError as err:
+        raise DataError(f"{err}; run `akd {producer}` again") from None

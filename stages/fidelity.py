@@ -15,7 +15,6 @@ one of them, not of all.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,7 @@ from akd_cache.teacher.hf_backend import DTYPES
 from stages.common import (
     FIDELITY_DIR,
     HELDOUT_CACHE_POINTER,
+    read_output,
     require_input,
     stage_args,
     write_json,
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, args.profile)
     profile = params.active
     paths = model_paths(params, args.model)
-    pointer = json.loads(require_input(HELDOUT_CACHE_POINTER,
-                                       "cache-teacher --split heldout").read_text())
+    pointer = read_output(HELDOUT_CACHE_POINTER, "cache-teacher --split heldout", ["location"])
     cache = TeacherCache(pointer["location"])
     settings = profile.fidelity
     check_cache_settings(pointer["location"], cache.ingredients, profile.teacher, profile.data,

@@ -3,7 +3,6 @@ the same random training samples, compared by the teacher's probability and entr
 
 from __future__ import annotations
 
-import json
 import random
 
 from akd_cache.data.instructions import read_examples
@@ -15,6 +14,7 @@ from stages.common import (
     PREPARED_DIR,
     RUNS_DIR,
     load_stage_profile,
+    read_output,
     require_input,
     stage_args,
     write_json,
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     examples = read_examples(require_input(PREPARED_DIR / "train.jsonl", "prepare"))
     examples = random.Random(settings.seed).sample(examples, min(settings.n_samples,
                                                                  len(examples)))
-    summary = require_input(PREPARED_DIR / "summary.json", "prepare")
-    dataset_sha256 = json.loads(summary.read_text())["dataset_sha256"]
+    dataset_sha256 = read_output(PREPARED_DIR / "summary.json", "prepare",
+                                 ["dataset_sha256"])["dataset_sha256"]
     scores = {}
     for template in TEMPLATES:
         cache = profile.cache.model_copy(update={"template": template, "root": settings.root})

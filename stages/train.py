@@ -9,7 +9,6 @@ teacher on the student's own samples of the prepared training prompts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from accelerate import PartialState
@@ -25,6 +24,7 @@ from stages.common import (
     PREPARED_DIR,
     TEACHER_CACHE_POINTER,
     TEACHER_GENERATIONS_POINTER,
+    read_output,
     require_input,
     stage_args,
     write_json,
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> None:
             profile.cache.template, experiment, profile.train, out, args.experiment,
         )
     else:
-        pointer = json.loads(require_input(TEACHER_CACHE_POINTER, "cache-teacher").read_text())
+        pointer = read_output(TEACHER_CACHE_POINTER, "cache-teacher", ["location"])
         if not isinstance(experiment, SeqKD):
             check_cache_settings(pointer["location"],
                                  TeacherCache(pointer["location"]).ingredients, profile.teacher,
                                  profile.data, profile.cache)
-        generations = (json.loads(TEACHER_GENERATIONS_POINTER.read_text()).get("location")
+        generations = (read_output(TEACHER_GENERATIONS_POINTER, "teacher-generate").get("location")
                        if TEACHER_GENERATIONS_POINTER.exists() else None)
         metrics = train_experiment(
             pointer["location"], student, experiment, profile.train, out, args.experiment,

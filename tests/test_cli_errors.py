@@ -144,6 +144,23 @@ def test_a_stage_run_before_its_inputs_names_the_stage_to_run(workdir, codealpac
     assert line == "akd train: runs/teacher_cache.json: not found; run `akd cache-teacher` first"
 
 
+@pytest.mark.parametrize("body,reason", [
+    ('{"loc', "not valid JSON (Unterminated string starting at: line 1 column 2 (char 1))"),
+    ("[]", "expected a JSON object, got list"),
+    ('{"key": "x"}', "no 'location' key"),
+])
+def test_a_damaged_pointer_names_itself_and_the_stage_that_rewrites_it(
+    workdir, codealpaca_path, tiny, capsys, body, reason
+):
+    write_params(workdir, codealpaca_path, tiny, {"model": tiny})
+    (workdir / "runs").mkdir()
+    (workdir / "runs" / "teacher_cache.json").write_text(body)
+    code, line = akd(capsys, "train", "--experiment", "kd")
+    assert code == 2
+    assert line == (f"akd train: runs/teacher_cache.json: {reason}; run `akd cache-teacher` "
+                    "again")
+
+
 def test_inspect_of_a_missing_cache(workdir, capsys):
     code, line = akd(capsys, "inspect", str(workdir / "no-cache"))
     assert code == 2 and line == f"akd inspect: {workdir / 'no-cache'}: no teacher cache there"

@@ -227,3 +227,37 @@ def test_a_split_that_tokenisation_drops_whole_is_one_line_naming_a_sample(tiny_
                     DataConfig(dataset="rows.json"), cache, examples, "0" * 64)
     assert len(str(refusal.value).splitlines()) == 1
     assert not (tmp_path / "caches").exists()
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.txt", "folder"])
+def test_cli_refuses_a_local_dataset_that_is_not_json_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                   name):
+    """A file or folder that is there is never handed to the hub loader."""
+    if name == "folder":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "d.json").write_text(json.dumps(GOOD))
+    else:
+        (tmp_path / name).write_text(json.dumps(GOOD))
+    line = prepare_refused(tmp_path, monkeypatch, capsys, {"dataset": name, "heldout": 1})
+    assert line == (f"akd prepare: {name}: a local dataset is one .json or .jsonl file; fix "
+                    "data.dataset in the params")
+
+
+def test_cli_names_a_dataset_neither_local_nor_loadable(tmp_path, monkeypatch, capsys):
+    line = prepare_refused(tmp_path, monkeypatch, capsys, {"dataset": "gone.csv", "heldout": 1})
+    assert line.startswith("akd prepare: data.dataset 'gone.csv': not a local .json or .jsonl "
+                           "file, and the hub cannot load it (")
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b'{"location": "x"', "not valid JSON (Expecting ',' delimiter: line 1 column 17 (char 16))"),
+    (b"[]", "expected a JSON object, got list"),
+    (b'{"where": "x"}', "no 'location' key"),
+])
+def test_read_json_names_the_file_and_what_is_wrong(tmp_path, body, reason):
+    (tmp_path / "p.json").write_bytes(body)
+    with pytest.raises(DataError) as err:
+        jsonl.read_json(tmp_path / "p.json", dict, ("location",))
+    assert str(err.value) == f"{tmp_path / 'p.json'}: {reason}"
+    assert jsonl.read_json(write_json(tmp_path, {"location": "x"}), dict, ("location",)) == \
+        {"location": "x"}

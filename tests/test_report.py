@@ -457,3 +457,28 @@ def test_runs_of_models_params_does_not_name_are_left_out(tmp_path, monkeypatch)
     markdown = run_stage(tmp_path, monkeypatch, None)
     assert "kd_last_week" not in markdown
     assert list(by_run(table(sections(markdown)["Table 5"]))) == ["teacher", "kd"]
+
+
+@pytest.mark.parametrize("relative,body,reason", [
+    ("train/kd/metrics.json", b'{"method": "kd", "ste', "not valid JSON ("),
+    ("eval/kd/metrics.json", b"[]", "expected a JSON object, got list"),
+    ("fidelity/kd.json", b"{}", "no 'metrics' key"),
+])
+def test_a_damaged_run_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys, relative,
+                                                  body, reason):
+    """Through `akd report` as a user meets it: exit code 2, the file and what is wrong."""
+    from akd_cache.cli import main as akd
+
+    write_runs(tmp_path, ["teacher", "kd"], with_extras=False)
+    path = tmp_path / "runs" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_doc(), sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        akd(["report", "--params", "params.yaml"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"akd report: {Path('runs') / relative}: {reason}"), err
+    assert len(err.splitlines()) == 1

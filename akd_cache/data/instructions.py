@@ -45,24 +45,6 @@ class BadRow(ValueError):
     """One row that cannot be used; it is counted and reported, never fatal."""
 
 
-def _read_json_array(path: Path) -> list:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not UTF-8 at byte offset {err.start} (0x{data[err.start]:02x}); "
-            "re-encode the file as UTF-8"
-        ) from None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    return rows
-
-
 def read_rows(dataset: str, hub_split: str = "train") -> list:
     """The dataset's rows; a JSONL line that cannot be decoded is a `jsonl.BadLine` in its place,
     to be dropped as one row."""
@@ -70,10 +52,18 @@ def read_rows(dataset: str, hub_split: str = "train") -> list:
     if path.suffix in {".json", ".jsonl"}:
         if not path.exists():
             raise DataError(f"{path}: dataset file not found; fix data.dataset in the params")
-        return jsonl.read_lines(path) if path.suffix == ".jsonl" else _read_json_array(path)
+        return jsonl.read_lines(path) if path.suffix == ".jsonl" else jsonl.read_json(path, list)
+    if path.exists():
+        raise DataError(f"{path}: a local dataset is one .json or .jsonl file; fix data.dataset "
+                        "in the params")
     from datasets import load_dataset
 
-    return list(load_dataset(dataset, split=hub_split))
+    try:
+        return list(load_dataset(dataset, split=hub_split))
+    except (OSError, ValueError) as err:  # not found, unreachable, or no such split
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data.dataset {dataset!r}: not a local .json or .jsonl file, and the "
+                        f"hub cannot load it ({reason})") from None
 
 
 def content_sha256(rows: list) -> str:

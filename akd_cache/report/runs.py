@@ -1,9 +1,9 @@
 """Reading what the stages left under `runs/`: evaluations, training metrics and logs, the
-template analysis and the teacher cache's tail histogram. Anything missing reads as absent."""
+template analysis and the teacher cache's tail histogram. Anything missing reads as absent; a
+damaged file is a one-line error naming it (`jsonl.read_json`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,8 @@ class RunData:
     tail_hist: dict | None = None
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path: Path, required: Collection[str] = ()) -> dict | None:
+    return jsonl.read_json(path, dict, required) if path.is_file() else None
 
 
 def read_log(path: Path) -> list[dict]:
@@ -42,7 +42,7 @@ def _per_folder(root: Path, name: str) -> dict[str, Path]:
 def load_tail_histogram(pointer_path: Path) -> dict | None:
     """The cache's tail-mass histogram (`{"edges", "counts"}`), or None when there is no
     finished cache to read it from. Imported lazily: the reader pulls in torch."""
-    pointer = read_json(pointer_path)
+    pointer = read_json(pointer_path, ["location"])
     if pointer is None:
         return None
     from akd_cache.store.reader import CacheError, TeacherCache
@@ -62,13 +62,14 @@ def load_runs(runs_dir: Path, models: Collection[str], train_dir: Path | None = 
     pointer_path = runs_dir / "teacher_cache.json"
     fidelity = {p.stem: p for p in sorted((runs_dir / "fidelity").glob("*.json"))}
     return RunData(
-        evals={m: json.loads(p.read_text()) for m, p in
+        evals={m: jsonl.read_json(p) for m, p in
                _per_folder(runs_dir / "eval", "metrics.json").items() if m in models},
-        train={e: json.loads(p.read_text()) for e, p in
+        train={e: jsonl.read_json(p) for e, p in
                _per_folder(train_dir, "metrics.json").items() if e in models},
         logs={e: read_log(p) for e, p in _per_folder(train_dir, "log.jsonl").items()
               if e in models},
-        fidelity={m: json.loads(p.read_text()) for m, p in fidelity.items() if m in models},
+        fidelity={m: jsonl.read_json(p, dict, ["metrics"]) for m, p in fidelity.items()
+                  if m in models},  # the key every table and plot of fidelity reads
         templates=read_json(runs_dir / "template_analysis.json"),
         cache_pointer=read_json(pointer_path),
         tail_hist=load_tail_histogram(pointer_path),
