@@ -7,11 +7,13 @@ are errors that name the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from akd_cache.errors import ConfigError
 
@@ -25,6 +27,17 @@ TailMode = Literal["bucket", "renormalize", "uniform", "shape", "lowrank"]
 VLLM_MEMORY_UTILIZATION = 0.3
 TEACHER_BATCH_TOKENS = 4096  # padded tokens per forward of the hf teacher
 DeviceName = Annotated[str, Field(pattern=r"^(cpu|cuda|mps|xpu)(:\d+)?$")]
+DATA_ROLES = ("instruction", "input", "output")
+"""What a row gives the prompt; a custom schema's `data.columns` maps each to a column."""
+REQUIRED_DATA_ROLES = ("instruction", "output")
+LOCAL_DATASET_SUFFIXES = frozenset({".json", ".jsonl"})
+WHOLE_EPOCHS = -1  # train.max_steps that runs train.epochs instead (transformers' convention)
+UNKNOWN_PROFILE = "unknown_profile"  # the error type of a `profile` that params.yaml lacks
+
+
+def is_local_dataset(dataset: str) -> bool:
+    """A local .json / .jsonl file; anything else is a hub id, read with `data.hub_split`."""
+    return Path(dataset).suffix in LOCAL_DATASET_SUFFIXES
 
 
 class Strict(BaseModel):
@@ -49,8 +62,22 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _custom_needs_columns(self) -> DataConfig:
-        if self.schema_ == "custom" and not {"instruction", "output"} <= set(self.columns):
-            raise ValueError("data.columns must map at least 'instruction' and 'output'")
+        refuse_other_backends(self, "data", self.schema_, "data.schema", {"custom": ("columns",)})
+        unknown = sorted(set(self.columns) - set(DATA_ROLES))
+        if unknown:
+            # a misspelt role would leave its field empty in every prompt
+            raise ValueError(f"data.columns: not a role: {', '.join(map(repr, unknown))} "
+                             f"(the roles are {', '.join(DATA_ROLES)})")
+        if self.schema_ == "custom" and not set(REQUIRED_DATA_ROLES) <= set(self.columns):
+            raise ValueError("data.columns must map at least "
+                             f"{' and '.join(map(repr, REQUIRED_DATA_ROLES))}")
+        return self
+
+    @model_validator(mode="after")
+    def _hub_split_is_for_the_hub(self) -> DataConfig:
+        if "hub_split" in self.model_fields_set and is_local_dataset(self.dataset):
+            raise ValueError(f"data.hub_split applies to a hub dataset only, not the local file "
+                             f"{self.dataset!r}: remove it")
         return self
 
 
@@ -125,7 +152,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="-1: run whole epochs")
+    max_steps: int = Field(WHOLE_EPOCHS, description=f"{WHOLE_EPOCHS}: run whole epochs")
     temperature: float = Field(
         1.0, gt=0, description="must equal the cache's cache.temperature, unless temper_cache"
     )
@@ -148,6 +175,14 @@ class TrainConfig(Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     output_root: str = "runs/train"
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        """transformers reads any other value below 1 as something else (0: one step)."""
+        if v != WHOLE_EPOCHS and v < 1:
+            raise ValueError(f"must be {WHOLE_EPOCHS} (whole epochs) or at least 1, not {v}")
+        return v
 
     @model_validator(mode="after")
     def _temper_needs_a_temperature(self) -> TrainConfig:
@@ -257,7 +292,9 @@ class MiniLLM(ExperimentBase):
 
     method: Literal["minillm"] = "minillm"
     max_new_tokens: int = Field(128, gt=0, description="length cap of each student sample")
-    num_generations: int = Field(1, gt=0, description="samples per prompt; divides batch_size")
+    num_generations: int = Field(
+        1, gt=0, description="samples per prompt; divides train.batch_size * train.grad_accum"
+    )
     gamma: float = Field(0.0, ge=0, le=1, description="discount of the long-term RKL reward")
     single_step_decomposition: bool = Field(
         True, description="add the exact per-step RKL of each sampled prefix to the loss"
@@ -269,6 +306,7 @@ Experiment = Annotated[
 ]
 """One Stage 2 run (a `dvc.yaml` foreach item), typed by its `method`: a setting that method does
 not have is an error. A new method is one more model in this union."""
+METHODS = tuple(m.model_fields["method"].default for m in get_args(get_args(Experiment)[0]))
 
 
 class EvalConfig(Strict):
@@ -410,7 +448,10 @@ class Params(Strict):
     @model_validator(mode="after")
     def _profile_exists(self) -> Params:
         if self.profile not in self.profiles:
-            raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+            # its own error type: `load_params` blames `--profile` when the name came from there
+            raise PydanticCustomError(UNKNOWN_PROFILE, "profile {profile} is not one of {known}",
+                                      {"profile": repr(self.profile),
+                                       "known": str(sorted(self.profiles))})
         return self
 
     @model_validator(mode="after")
@@ -420,17 +461,81 @@ class Params(Strict):
                 self.active.check_tail_mode(experiment.tail_mode, f"experiments.{name}")
         return self
 
+    @model_validator(mode="after")
+    def _minillm_groups_fill_a_batch(self) -> Params:
+        """TRL's MiniLLM samples per optimizer step train.batch_size * train.grad_accum prompts
+        (per process) in whole groups of num_generations; refuse here what it refuses later."""
+        train = self.active.train
+        generation_batch = train.batch_size * train.grad_accum
+        for name, experiment in self.experiments.items():
+            if isinstance(experiment, MiniLLM) and generation_batch % experiment.num_generations:
+                raise ValueError(
+                    f"experiments.{name}.num_generations {experiment.num_generations} does not "
+                    f"divide the generation batch, train.batch_size {train.batch_size} x "
+                    f"train.grad_accum {train.grad_accum} = {generation_batch}: pick a divisor"
+                )
+        return self
+
     @property
     def active(self) -> Profile:
         return self.profiles[self.profile]
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping."""
+
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} is given twice in one mapping; keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping, so one of two settings would be
+    dropped without a word: refuse them (a `<<` merge's keys may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it with its own message
+            if key in seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """The dotted key, without the method tag pydantic puts after an experiment's name."""
+    if loc[:1] == ("experiments",) and len(loc) > 2 and loc[2] in METHODS:
+        loc = loc[:2] + loc[3:]
+    return ".".join(str(part) for part in loc)
+
+
+def _problem(error: ErrorDetails) -> str:
+    where = _location(error["loc"])
+    if error["type"] == "union_tag_not_found":
+        return f"{where}.method is missing (one of {', '.join(METHODS)})"
+    # a validator's own message, without pydantic's "Value error, " in front
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    return f"{where}: {message}" if where else message
+
+
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """`path` validated, with `profile` (from the command line) as the active profile if given."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: no such params file") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the params file ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text at byte offset {err.start}; a params file "
+                          "is YAML") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
     if not isinstance(raw, dict):
@@ -440,7 +545,9 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+        errors = err.errors()
+        unknown = [e for e in errors if e["type"] == UNKNOWN_PROFILE]
+        if profile is not None and unknown:
+            raise ConfigError(f"--profile {profile}: not one of {path}'s profiles "
+                              f"{unknown[0]['ctx']['known']}") from None
+        raise ConfigError(f"{path}: {'; '.join(map(_problem, errors))}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -75,6 +76,35 @@ def test_broken_yaml_is_a_config_error(workdir, capsys):
     (workdir / "params.yaml").write_text("profile: [unclosed\n")
     code, line = akd(capsys, "prepare")
     assert code == 2 and line.startswith("akd prepare: params.yaml: not valid YAML")
+
+
+def test_a_params_file_that_cannot_be_read_is_one_line(workdir, capsys):
+    assert akd(capsys, "prepare", "--params", str(workdir)) == (
+        2, f"akd prepare: {workdir}: cannot read the params file (Is a directory)")
+    (workdir / "params.yaml").write_bytes(b"profile: \xff\xfe\n")
+    assert akd(capsys, "prepare") == (
+        2, "akd prepare: params.yaml: not UTF-8 text at byte offset 9; a params file is YAML")
+
+
+def test_a_duplicate_key_is_one_line(workdir, codealpaca_path, tiny, capsys):
+    write_params(workdir, codealpaca_path, tiny, {"model": tiny})
+    path = workdir / "params.yaml"
+    doubled = re.sub(r"^( +)k: 8$", r"\1k: 8\n\1k: 9", path.read_text(), flags=re.MULTILINE)
+    path.write_text(doubled)
+    code, line = akd(capsys, "prepare")
+    assert code == 2
+    assert line.startswith("akd prepare: params.yaml: line ")
+    assert line.endswith(": key 'k' is given twice in one mapping; keep one")
+
+
+def test_an_unknown_profile_blames_where_it_came_from(workdir, codealpaca_path, tiny, capsys):
+    write_params(workdir, codealpaca_path, tiny, {"model": tiny})
+    assert akd(capsys, "prepare", "--profile", "nope") == (
+        2, "akd prepare: --profile nope: not one of params.yaml's profiles ['mini']")
+    path = workdir / "params.yaml"
+    path.write_text(path.read_text().replace("profile: mini", "profile: nope"))
+    assert akd(capsys, "prepare") == (
+        2, "akd prepare: params.yaml: profile 'nope' is not one of ['mini']")
 
 
 def test_debug_flag_and_env_show_the_traceback(workdir, codealpaca_path, tiny, monkeypatch):
