@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from akd_cache import jsonl
-from akd_cache.config import DataConfig
+from akd_cache.config import DATA_ROLES, DataConfig, is_local_dataset
 from akd_cache.errors import DataError
 
 SCHEMA_COLUMNS: dict[str, dict[str, str]] = {
@@ -49,7 +49,7 @@ def read_rows(dataset: str, hub_split: str = "train") -> list:
     """The dataset's rows; a JSONL line that cannot be decoded is a `jsonl.BadLine` in its place,
     to be dropped as one row."""
     path = Path(dataset)
-    if path.suffix in {".json", ".jsonl"}:
+    if is_local_dataset(dataset):
         if not path.exists():
             raise DataError(f"{path}: dataset file not found; fix data.dataset in the params")
         return jsonl.read_lines(path) if path.suffix == ".jsonl" else jsonl.read_json(path, list)
@@ -85,7 +85,7 @@ def to_example(index: int, row: object, columns: dict[str, str]) -> Example:
     if not isinstance(row, dict):
         raise BadRow(f"row is a {type(row).__name__}, not an object")
     fields = {}
-    for field in ("instruction", "input", "output"):
+    for field in DATA_ROLES:
         column = columns.get(field)
         if column is None:
             fields[field] = ""
