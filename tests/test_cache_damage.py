@@ -19,6 +19,7 @@ import yaml
 import zarr
 
 from akd_cache.cli import main
+from akd_cache.store.format import ROW_ARRAYS
 
 N_TRAIN = 32
 SHARD_TOKENS = 1024
@@ -166,6 +167,72 @@ def test_flipped_bytes_in_an_ids_shard(work, built, capsys):
         code, line = akd(capsys, *argv)
         assert code == 2 and line.startswith(f"akd {argv[0]}: {named}")
     assert_repaired_bit_for_bit(built, cache, capsys)
+
+
+def test_empty_row_shard_files(work, built, capsys):
+    """zarr reads an empty shard file as fill values, silently: all-zero codes would train."""
+    cache = location()
+    emptied = {"rows/codes/c/0/0": 0, "rows/ids/c/2/0": 2}
+    for file in emptied:
+        (Path(cache) / file).write_bytes(b"")
+    named = (f"{cache}: array rows/ids, file rows/ids/c/2/0 ({shard_samples(cache, 2)}): "
+             "truncated to 0 B (a stored file of this array holds at least 20 B) (and 1 more)")
+    code, line, out = failing_akd(capsys, "inspect", cache)
+    assert code == 2 and line.startswith(f"akd inspect: {named}")
+    assert f"files      DAMAGED: 2 found; run `akd verify {cache}`" in out
+    code, line, out = failing_akd(capsys, "verify", cache)
+    assert code == 2 and line.startswith(f"akd verify: {named}")
+    for file, shard in emptied.items():
+        assert f"file {file} ({shard_samples(cache, shard)}): truncated to 0 B" in out
+    code, line = akd(capsys, "train", "--experiment", "kd")
+    assert code == 2 and line.startswith(f"akd train: {named}")
+    assert not Path("runs/train/kd/metrics.json").exists()
+    # the undamaged shards 1 and 3 stay done: their files are not even written again
+    kept = {path: path.stat().st_mtime_ns for path in Path(cache, "rows").rglob("*")
+            if path.is_file() and path.relative_to(cache).parts[2:4] in (("c", "1"), ("c", "3"))}
+    assert len(kept) == len(ROW_ARRAYS) * 2
+    assert_repaired_bit_for_bit(built, cache, capsys)
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
+
+
+@pytest.mark.parametrize("file", ["zarr.json", "rows/ids/zarr.json"])
+def test_a_torn_zarr_json_is_refused(work, capsys, file):
+    """A torn write of metadata: nothing can rewrite it exactly, so every command refuses the
+    cache in one line and `cache-teacher` leaves every file as it is."""
+    cache = location()
+    path = Path(cache) / file
+    path.write_bytes(path.read_bytes()[:40])
+    before = files(cache)
+    named = (f"{cache}: file zarr.json (the cache's attributes): does not decode (JSONDecodeError"
+             if file == "zarr.json" else
+             f"{cache}: array rows/ids, file rows/ids/zarr.json (all samples): does not decode "
+             "(JSONDecodeError")
+    for argv in (["inspect", cache], ["verify", cache], ["train", "--experiment", "kd"],
+                 ["cache-teacher"]):
+        code, line = akd(capsys, *argv)
+        assert code == 2 and line.startswith(f"akd {argv[0]}: {named}")
+        assert line.endswith(f"this cannot be rewritten exactly: move {cache} away and run "
+                             "`akd cache-teacher` again")
+    assert files(cache) == before
+
+
+def test_inspect_of_a_folder_whose_zarr_json_is_not_json(tmp_path, capsys):
+    (tmp_path / "zarr.json").write_text("not json")
+    code, line = akd(capsys, "inspect", str(tmp_path))
+    assert code == 2 and line.startswith(f"akd inspect: {tmp_path}: file zarr.json (the cache's "
+                                         "attributes): does not decode (JSONDecodeError")
+
+
+def test_a_missing_rows_group(work, capsys):
+    cache = location()
+    shutil.rmtree(Path(cache) / "rows")
+    before = files(cache)
+    named = f"{cache}: array rows/ids, file rows/ids/zarr.json (all samples): array missing"
+    for argv in (["inspect", cache], ["verify", cache], ["train", "--experiment", "kd"],
+                 ["cache-teacher"]):
+        code, line = akd(capsys, *argv)
+        assert code == 2 and line.startswith(f"akd {argv[0]}: {named}")
+    assert files(cache) == before
 
 
 def test_a_removed_completion_attribute(work, built, capsys):

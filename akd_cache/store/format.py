@@ -23,7 +23,9 @@ Layout (R = loss rows, padded so that every shard holds whole samples; S = sampl
 
 Every stored chunk (every inner chunk of a shard, and each shard's index) ends in a crc32c that
 zarr verifies on read, and every chunk is written even when it holds only fill values, so a
-missing file is always damage (zarr itself would read it as fill values): `store.integrity`.
+missing file is always damage (zarr itself would read it as fill values), and so is one shorter
+than its shard index or checksum (`min_file_bytes`; zarr reads an empty shard as fill values too):
+`store.integrity`.
 
 Why this coding (measured in docs/benchmarks.md): a top-k set in probability order costs its
 order on top of its members (~log2(k!) bits); sorted and delta-coded ids after renumbering the
@@ -52,6 +54,7 @@ outside its top-k: 0.017 nat/token at k = 64 and r = 48 for 123 B/token, against
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +62,7 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.errors import MetadataValidationError
 
 from akd_cache.errors import DamageError
 
@@ -86,10 +90,17 @@ BLOSC_BLOCK_BYTES = 1 << 20
 ID_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=BLOSC_BLOCK_BYTES)
 CHECKSUM = Crc32cCodec()  # last, so it covers the compressed bytes and is checked first on read
+CHECKSUM_BYTES = 4  # what `CHECKSUM` appends to every chunk
+# zarr's shard index, at the end of every shard file: a uint64 offset and length per inner chunk,
+# then its own crc32c
+SHARD_INDEX_ENTRY_BYTES = 16
 ID_CODECS = (ID_COMPRESSOR, CHECKSUM)
 CODECS = (COMPRESSOR, CHECKSUM)
 # an all-fill-value chunk is still stored: a missing one then always means damage
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+# what zarr raises on a `zarr.json` it cannot read: not JSON (a torn write), or JSON that is not
+# zarr metadata
+METADATA_ERRORS = (json.JSONDecodeError, MetadataValidationError, TypeError)
 UINT16_LIMIT = 1 << 16
 TAIL_SHAPE = "tail_shape"
 TAIL_SHAPE_UNIFORM_MIX = 0.01
@@ -173,6 +184,15 @@ def open_cache_group(location: str, mode: str) -> zarr.Group:
     """A local path or any fsspec URL; local fsspec writes need their folders made on the way."""
     options = {"auto_mkdir": True} if location.startswith("file://") else None
     return zarr.open_group(location, mode=mode, storage_options=options)
+
+
+def min_file_bytes(array: zarr.Array) -> int:
+    """The fewest bytes any stored file of `array` holds: a shard its index, a chunk its crc32c.
+    zarr reads a shard file shorter than its index (an empty one too) as fill values, silently."""
+    if array.shards is None:
+        return CHECKSUM_BYTES
+    inner_chunks = int(np.prod([s // c for s, c in zip(array.shards, array.chunks)]))
+    return inner_chunks * SHARD_INDEX_ENTRY_BYTES + CHECKSUM_BYTES
 
 
 def writable(group: zarr.Group, path: str) -> zarr.Array:

@@ -1,11 +1,11 @@
 """Whether a cache is what it says it is: its key re-derived from its ingredients, every shard
 and chunk file present, every chunk's crc32c valid, its sample tables consistent.
 
-zarr reads a missing chunk as its fill value and says nothing, so presence is checked against
-the store's listing; a flipped byte fails its chunk's crc32c inside zarr (a `ValueError`), which
-`damage_error` turns into a `DamageError`. Each damage names the array, the shard (or chunk)
-file and the samples it holds, so the writer can rewrite exactly those shards
-(`akd cache-teacher`) and `akd verify` can list them.
+zarr reads a missing chunk as its fill value and says nothing (an empty shard file too), so
+presence and size are checked against the store's listing; a flipped byte fails its chunk's
+crc32c inside zarr (a `ValueError`), which `damage_error` turns into a `DamageError`. Each
+damage names the array, the shard (or chunk) file and the samples it holds, so the writer can
+rewrite exactly those shards (`akd cache-teacher`) and `akd verify` can list them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from akd_cache.store.key import CacheIngredients, hash_key
 # shard-index bytes, a truncated file
 DECODE_ERRORS = (ValueError, RuntimeError, IndexError, EOFError)
 REPAIR_HINT = "run `akd cache-teacher` to rewrite it (`akd verify {location}` lists all damage)"
+REBUILD_HINT = ("this cannot be rewritten exactly: move {location} away and run "
+                "`akd cache-teacher` again")
 ALL_SAMPLES = "all samples"
 
 
@@ -42,6 +44,13 @@ class Damage:
     def line(self, location: str) -> str:
         return f"{location}: array {self.array}, file {self.file} ({self.samples}): {self.problem}"
 
+    @property
+    def rewritable(self) -> bool:
+        """Whether `akd cache-teacher` can restore it exactly: not the calibration's arrays
+        (`vocab_rank`, `tail_shape`, `tail_code/`) and not an array's definition."""
+        return not (self.array in ("vocab_rank", fmt.TAIL_SHAPE) or self.file.endswith("zarr.json")
+                    or self.array.startswith(f"{fmt.TAIL_CODE}/"))
+
 
 def decode_problem(err: Exception) -> str:
     message = " ".join(str(err).split())
@@ -50,15 +59,30 @@ def decode_problem(err: Exception) -> str:
 
 
 def damage_error(location: str, damage: list[Damage]) -> DamageError:
+    """One line: the first damage `akd cache-teacher` cannot restore if there is one (it refuses
+    the cache then), else the first damage."""
+    lost = [d for d in damage if not d.rewritable]
     more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
-    return DamageError(f"{damage[0].line(location)}{more}; {REPAIR_HINT.format(location=location)}")
+    hint = (REBUILD_HINT if lost else REPAIR_HINT).format(location=location)
+    return DamageError(f"{(lost or damage)[0].line(location)}{more}; {hint}")
+
+
+def open_group(location: str, mode: str) -> zarr.Group:
+    """`fmt.open_cache_group`, or a one-line `DamageError` naming a group `zarr.json` that does not
+    decode: it holds the attributes, so nothing says which cache it was."""
+    try:
+        return fmt.open_cache_group(location, mode=mode)
+    except fmt.METADATA_ERRORS as err:
+        raise DamageError(f"{location}: file zarr.json (the cache's attributes): "
+                          f"{decode_problem(err)}; {REBUILD_HINT.format(location=location)}"
+                          ) from None
 
 
 def open_cache(location: str, mode: str = "r") -> tuple[zarr.Group, fmt.CacheMeta]:
     """The cache group at `location` and its attributes, checked to name a cache (`check_identity`),
     or a one-line `CacheError` naming the location: what every reader of a cache opens it with."""
     try:
-        group = fmt.open_cache_group(location, mode=mode)
+        group = open_group(location, mode)
     except FileNotFoundError:  # zarr's GroupNotFoundError (an empty folder) included
         raise CacheError(f"{location}: no teacher cache there") from None
     meta = fmt.CacheMeta.read(group, location)
@@ -136,10 +160,12 @@ def units(array: zarr.Array) -> Iterator[tuple[str, slice]]:
         yield array.metadata.encode_chunk_key(coords), slice(lo, min(lo + unit[0], array.shape[0]))
 
 
-def stored_files(location: str) -> set[str]:
+def stored_files(location: str) -> dict[str, int]:
+    """Every file under `location` (relative to it) and its size in bytes, in one listing."""
     fs, root = fsspec.core.url_to_fs(location)
     prefix = root.rstrip("/") + "/"
-    return {path[len(prefix):] for path in fs.find(root) if path.startswith(prefix)}
+    return {path[len(prefix):]: info["size"] for path, info in fs.find(root, detail=True).items()
+            if path.startswith(prefix)}
 
 
 def expected_arrays(meta: fmt.CacheMeta) -> dict[str, tuple[int, ...] | None]:
@@ -199,12 +225,15 @@ def find_damage(
         except KeyError:
             damage.append(Damage(path, f"{path}/zarr.json", ALL_SAMPLES, "array missing"))
             continue
+        except fmt.METADATA_ERRORS as err:
+            damage.append(Damage(path, f"{path}/zarr.json", ALL_SAMPLES, decode_problem(err)))
+            continue
         if shape is not None and arrays[path].shape != shape:
             damage.append(Damage(path, f"{path}/zarr.json", ALL_SAMPLES,
                                  f"shape {arrays[path].shape}, expected {shape}"))
     try:
         tables = read_tables(group)
-    except (KeyError, *DECODE_ERRORS):
+    except (KeyError, *DECODE_ERRORS, *fmt.METADATA_ERRORS):
         tables = None
     index = SampleIndex(tables, meta.shard_rows)
     if tables is not None and all(len(v) == meta.n_samples for v in tables.values()):
@@ -216,6 +245,7 @@ def find_damage(
     done = np.ones(meta.n_shards, dtype=bool) if meta.complete or flags is None else flags
     present = stored_files(location)
     for path, array in arrays.items():
+        least = fmt.min_file_bytes(array)
         for key, window in units(array):
             samples, shard = index.of(path, window.start, window.stop)
             if shard is not None and not done[shard]:
@@ -224,6 +254,9 @@ def find_damage(
             problem = None
             if file not in present:
                 problem = "missing (it would read as fill values)"
+            elif present[file] < least:
+                problem = (f"truncated to {present[file]} B (a stored file of this array holds "
+                           f"at least {least} B)")
             elif full:
                 try:
                     array[window]

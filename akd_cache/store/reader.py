@@ -1,9 +1,10 @@
 """Read a teacher cache: random access by sample, and a torch Dataset + collate for Stage 2.
 
 The reader refuses an incomplete cache unless told otherwise, a cache whose key is not the hash
-of its ingredients, one with a missing shard or chunk file (zarr would read fill values), and a
-student whose tokenizer differs from the teacher's: top-k ids from another vocabulary would train
-silently on the wrong tokens. Bytes that fail their crc32c raise a `DamageError` when read.
+of its ingredients, one with a missing or truncated shard or chunk file (zarr would read fill
+values), and a student whose tokenizer differs from the teacher's: top-k ids from another
+vocabulary would train silently on the wrong tokens. Bytes that fail their crc32c raise a
+`DamageError` when read.
 """
 
 from __future__ import annotations
@@ -132,17 +133,19 @@ class TeacherCache:
             self.tail_code: fmt.TailCode | None = (
                 fmt.TailCode.read(self.group) if meta.ingredients.get("tail_rank") else None
             )
-        except (KeyError, *integrity.DECODE_ERRORS):
+            self._arrays = {name: self.group[f"rows/{name}"] for name in
+                            ("ids", "codes", "tail_logmass", "target_logprob")}
+            self._arrays["tokens"] = self.group["tokens"]
+            if self.tail_code is not None:
+                self._arrays[fmt.TAIL_CODE] = self.group[fmt.TAIL_CODE_ROWS]
+        except (KeyError, *integrity.DECODE_ERRORS, *fmt.METADATA_ERRORS):
             damage = integrity.find_damage(self.group, location, meta, full=True)
+            if not damage:
+                raise
             raise integrity.damage_error(location, damage) from None
         self._index = integrity.SampleIndex(self._tables, meta.shard_rows)
         self._vocab_order = np.empty_like(vocab_rank)
         self._vocab_order[vocab_rank] = np.arange(len(vocab_rank))
-        self._arrays = {name: self.group[f"rows/{name}"] for name in
-                        ("ids", "codes", "tail_logmass", "target_logprob")}
-        self._arrays["tokens"] = self.group["tokens"]
-        if self.tail_code is not None:
-            self._arrays[fmt.TAIL_CODE] = self.group[fmt.TAIL_CODE_ROWS]
         self.shard_rows = self._arrays["ids"].shards[0]
         # entries per decoded block: the arrays' chunks, as zarr decodes whole chunks anyway
         self._block_sizes = {name: array.chunks[0] for name, array in self._arrays.items()}

@@ -99,7 +99,7 @@ def open_or_init(
 
     Only a new cache calls `teacher`, to calibrate the vocabulary renumbering.
     """
-    group = fmt.open_cache_group(location, mode="a")
+    group = integrity.open_group(location, mode="a")
     raw = group.attrs.get(fmt.ATTRS)
     stored_rows = stored_shard_rows(group) if raw is not None else None
     if stored_rows is not None and stored_rows != shard_rows:
@@ -201,10 +201,10 @@ def stored_shard_rows(group: zarr.Group) -> int | None:
     """The shard size the cache was laid out in, from its arrays (its attributes may be damaged):
     no key ingredient, so an experiment that asks for another one shares the cache, and its
     shards must go where the stored tables put each sample's rows. None if the array is
-    missing (damage, which `repair` names)."""
+    missing or its metadata does not decode (damage, which `repair` names)."""
     try:
         return group["rows/ids"].shards[0]
-    except KeyError:
+    except (KeyError, *fmt.METADATA_ERRORS):
         return None
 
 
@@ -213,8 +213,8 @@ def check_layout(group: zarr.Group, location: str, fresh: fmt.CacheMeta) -> None
     samples: writing into it would put samples' rows where the tables say other samples' are."""
     try:
         stored = group["shard_done"].shape[0]
-    except KeyError:
-        return  # a missing array is damage: `repair` names it
+    except (KeyError, *fmt.METADATA_ERRORS):
+        return  # a missing or undecodable array is damage: `repair` names it
     if stored != fresh.n_shards:
         raise IncompatibleCacheError(
             f"{location}: shard_done has {stored} shards, but these samples in shards of "
@@ -264,12 +264,8 @@ def repair(
         return
     for d in damage:
         log.warning("%s; rewriting it", d.line(location))
-    lost = [d for d in damage
-            if d.array in ("vocab_rank", fmt.TAIL_SHAPE) or d.file.endswith("zarr.json")
-            or d.array.startswith(f"{fmt.TAIL_CODE}/")]
-    if lost:
-        raise DamageError(f"{lost[0].line(location)}; this cannot be rewritten exactly: move "
-                          f"{location} away and run `akd cache-teacher` again")
+    if not all(d.rewritable for d in damage):
+        raise integrity.damage_error(location, damage)
     if any(d.array == "tokens" or d.array in fmt.SAMPLE_ARRAYS for d in damage):
         write_tables(group, samples, plan, vocab_size)
     flags = fmt.writable(group, "shard_done")
