@@ -29,6 +29,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from akd_cache.devices import require_device
+
 # The prompt templates' own section headers (a model that starts one is past its answer) and the
 # end-of-turn texts of chat and StarCoder tokenizers.
 TEMPLATE_STOPS: tuple[str, ...] = ("\n### Instruction", "\n### Input", "\n### Response")
@@ -262,18 +264,20 @@ def generator_factory(
     *,
     dtype: str,
     device: str,
+    device_setting: str,
     memory_utilization: float,
     revision: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Callable[[], TextGenerator]:
-    """The backend `backend` names, built only when called (`device` is the hf backend's; vLLM
-    picks its own, and `memory_utilization` is vLLM's)."""
+    """The backend `backend` names, built only when called (`device` is the hf backend's, from
+    the setting `device_setting`; vLLM picks its own, and `memory_utilization` is vLLM's)."""
 
     def make() -> TextGenerator:
         if backend == "vllm":
             return VLLMGenerator.start(
                 path, dtype=dtype, memory_utilization=memory_utilization, revision=revision
             )
+        require_device(device, device_setting)
         return HFGenerator.from_pretrained(
             path, dtype=dtype, device=device, revision=revision, batch_size=batch_size
         )

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from akd_cache.config import Params, TeacherConfig, load_params
+from akd_cache.devices import require_device
 from akd_cache.errors import ConfigError
 from akd_cache.evaluation.fidelity import per_sample_fidelity, summarise
 from akd_cache.models.resolve import resolve_model
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     pointer = read_output(HELDOUT_CACHE_POINTER, "cache-teacher --split heldout", ["location"])
     cache = TeacherCache(pointer["location"])
     settings = profile.fidelity
+    require_device(settings.device, "fidelity.device")
     check_cache_settings(pointer["location"], cache.ingredients, profile.teacher, profile.data,
                          profile.cache)
     teacher = None if args.no_teacher else partial(load_teacher, profile.teacher, settings.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +15,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+import zarr
 from huggingface_hub import constants
 from transformers import AutoConfig
 
@@ -211,6 +214,29 @@ def test_k_larger_than_the_vocabulary_is_refused_before_any_data_is_read(
     assert code == 2 and f"cache.k={vocab + 1} is larger than the teacher's vocabulary" in line
 
 
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    """This machine as a CPU-only one, whatever it has."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+
+
+def test_a_teacher_device_this_machine_lacks_is_one_line_before_the_cache_is_made(
+    workdir, codealpaca_path, tiny, capsys, no_accelerator
+):
+    write_params(workdir, codealpaca_path, tiny, {"model": tiny})
+    doc = yaml.safe_load((workdir / "params.yaml").read_text())
+    doc["profiles"]["mini"]["teacher"]["device"] = "cuda:0"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(doc))
+    main(["prepare"])
+    code, line = akd(capsys, "cache-teacher")
+    assert code == 2
+    assert line == ("akd cache-teacher: teacher.device 'cuda:0': this machine has no "
+                    "accelerator; set teacher.device to a device it has (cpu)")
+    # the cache's group and nothing in it: the teacher failed to load before the layout
+    (group,) = [p.parent for p in (workdir / "cache").rglob("zarr.json")]
+    assert list(zarr.open_group(str(group), mode="r").members()) == []
+
+
 def test_lock_refused_and_incomplete_cache(workdir, codealpaca_path, tiny, capsys):
     write_params(workdir, codealpaca_path, tiny, {"model": tiny}, n_train=32)
     main(["prepare"])
@@ -226,6 +252,14 @@ def test_lock_refused_and_incomplete_cache(workdir, codealpaca_path, tiny, capsy
     assert line.startswith(f"akd cache-teacher: {location}/locks/worker-1-of-2.lock: another "
                            f"writer holds this cache (host ")
     assert line.endswith("if it is gone, re-run with --break-lock")
+    main(["cache-teacher", "--num-workers", "2", "--worker-index", "1"])
+    for options, message in (
+        (("--num-workers", "0"), "--num-workers 0: at least one worker fills the shards"),
+        (("--num-workers", "2", "--worker-index", "5"),
+         "--worker-index 5 is not in [0, 2), the workers of --num-workers 2"),
+    ):  # refused on a complete cache too, where no worker has anything left to do
+        code, line = akd(capsys, "cache-teacher", *options)
+        assert (code, line) == (2, f"akd cache-teacher: {message}")
 
 
 # --- model references (`teacher.model`, `student.model`) -----------------------------------
@@ -239,6 +273,17 @@ def test_a_missing_local_teacher_is_refused_by_models(workdir, codealpaca_path, 
         assert line == (f"akd models: teacher.model: {ref!r} is neither a local folder nor a hub "
                         "id (`name` or `org/name`); fix the path")
     assert not (workdir / "storage" / "models" / "manifest.json").exists()
+
+
+def test_a_folder_that_holds_no_model_is_refused_by_models(workdir, codealpaca_path, tiny,
+                                                           capsys):
+    (workdir / "weights").mkdir()
+    (workdir / "weights" / "notes.txt").write_text("the model is elsewhere")
+    write_params(workdir, codealpaca_path, "weights", {"model": tiny})
+    code, line = akd(capsys, "models")
+    assert code == 2
+    assert line == ("akd models: teacher.model: 'weights' is a folder without a config.json, so "
+                    "no model transformers can load; fix the path")
 
 
 def test_a_relative_path_shaped_like_a_hub_id_is_reported_at_once(
@@ -303,7 +348,10 @@ def test_a_student_that_is_not_on_the_hub(workdir, codealpaca_path, tiny, capsys
 def test_resolution_rule(tmp_path, monkeypatch, tiny, empty_hub):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "name").mkdir(parents=True)
-    assert resolve_model("org/name", "teacher.model") == "org/name"  # a folder wins
+    with pytest.raises(ModelNotFoundError, match="'org/name' is a folder without a config.json"):
+        resolve_model("org/name", "teacher.model")  # a folder wins, and must hold a model
+    shutil.copy(Path(tiny) / "config.json", tmp_path / "org" / "name")
+    assert resolve_model("org/name", "teacher.model") == "org/name"
     assert resolve_model(tiny, "teacher.model") == tiny
     with pytest.raises(ModelNotFoundError, match="not converted yet .* run `akd models` first"):
         resolve_model("embedded:smollm2", "teacher.model", models_dir=tmp_path / "models")

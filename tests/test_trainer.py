@@ -24,7 +24,7 @@ from akd_cache.config import (
     TrainConfig,
 )
 from akd_cache.data.instructions import Example
-from akd_cache.errors import CacheError
+from akd_cache.errors import CacheError, ConfigError
 from akd_cache.store.reader import CacheDataset, TeacherCache, collate
 from akd_cache.student.loss import CachedTailModel, topk_divergences
 from akd_cache.student.run import cached_tail_model, train_experiment
@@ -178,6 +178,16 @@ def test_lora_trains_only_the_adapters(cache_and_student, tmp_path):
     adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
     assert adapter and all("lora" in name for name in adapter)
     assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)
+
+
+def test_lora_targets_that_name_no_module_are_one_line(tiny_models):
+    from akd_cache.student.setup import load_student
+
+    student = str(tiny_models["llama"])
+    with pytest.raises(ConfigError) as err:
+        load_student(student, KD(lora=LoraSettings(targets=["nope"])))
+    assert str(err.value) == (f"lora.targets ['nope']: no module of {student} has any of these "
+                              "names; name its attention or MLP projections")
 
 
 def test_a_student_with_another_tokenizer_is_refused(cache_and_student, tmp_path, codealpaca_rows):

@@ -4,14 +4,14 @@ A reference (`teacher.model`, `student.model`) is read by this rule:
 
 1. `embedded:<name>`: the folder the `models` stage converts that model into, under
    storage/models; it must exist (run `akd models`).
-2. An existing folder: a local model, whatever its spelling.
+2. An existing folder: a local model, whatever its spelling; it must hold a `config.json`.
 3. A valid hub id (`name` or `org/name`, the hub's own rule): a model on the Hugging Face hub.
    It is accepted when the local hub cache holds it; otherwise the hub is asked once, so a
    missing or misspelt id (or a relative path such as `models/missing` that is not there) is
    reported at once instead of after the loaders' retries.
 4. Anything else (`/abs`, `./rel`, `~/x`, `a/b/c`, ...) is a local path that does not exist.
 
-Cases 1, 3 and 4 raise a one-line error naming the setting when the model is not there.
+Each case raises a one-line error naming the setting when the model is not there.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ def resolve_model(
         return str(folder)
     local = str(Path(ref).expanduser()) if ref.startswith("~") else ref
     if Path(local).is_dir():
+        if not (Path(local) / constants.CONFIG_NAME).is_file():
+            raise ModelNotFoundError(f"{setting}: {ref!r} is a folder without a "
+                                     f"{constants.CONFIG_NAME}, so no model transformers can "
+                                     "load; fix the path")
         return local
     if not _is_hub_id(ref):
         raise ModelNotFoundError(f"{setting}: {ref!r} is neither a local folder nor a hub id "

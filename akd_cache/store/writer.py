@@ -116,13 +116,14 @@ def open_or_init(
     if top >= vocab_size:
         raise ModelError(f"token id {top} is outside the vocabulary of {vocab_size}; "
                          "the tokenizer does not belong to the model")
+    backend = teacher()  # before the layout: a teacher that cannot load leaves nothing behind
     fmt.create_layout(
         group, n_rows_padded=plan.n_rows_padded, shard_rows=shard_rows, n_shards=plan.n_shards,
         k=ingredients.k, vocab_size=vocab_size, n_tokens=fresh.n_tokens,
         tail_rank=ingredients.tail_rank,
     )
     tokens = write_tables(group, samples, plan, vocab_size)
-    calibration = calibrate(teacher(), calibration_samples(samples), ingredients)
+    calibration = calibrate(backend, calibration_samples(samples), ingredients)
     calibration_ids = np.concatenate([r.topk_ids for r in calibration.rows])
     common = {"compressors": fmt.CODECS, "config": fmt.WRITE_EVERY_CHUNK, "overwrite": True}
     group.create_array(
@@ -307,8 +308,6 @@ def write_shard(
 
 
 def worker_shards(n_shards: int, worker_index: int, num_workers: int) -> list[int]:
-    if not 0 <= worker_index < num_workers:
-        raise ConfigError(f"--worker-index {worker_index} is not in [0, {num_workers})")
     return list(range(worker_index, n_shards, num_workers))
 
 
@@ -363,6 +362,11 @@ def fill(
     if not samples:
         raise DataError(f"{location}: no samples to cache; was every one dropped by tokenisation "
                         "(cache.max_length, cache.truncation)?")
+    if num_workers < 1:
+        raise ConfigError(f"--num-workers {num_workers}: at least one worker fills the shards")
+    if not 0 <= worker_index < num_workers:
+        raise ConfigError(f"--worker-index {worker_index} is not in [0, {num_workers}), the "
+                          f"workers of --num-workers {num_workers}")
     if shard_rows > fmt.INNER_CHUNK_ROWS and shard_rows % fmt.INNER_CHUNK_ROWS:
         raise ConfigError(f"cache.shard_tokens {shard_rows}: a shard holds whole chunks of "
                           f"{fmt.INNER_CHUNK_ROWS} rows; use at most {fmt.INNER_CHUNK_ROWS} or a "

@@ -39,12 +39,18 @@ def load_student(path: str, experiment: Experiment, bf16: bool = False) -> PreTr
     if experiment.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
 
     settings = experiment.lora
-    return get_peft_model(model, LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=lora_targets(model, settings), task_type="CAUSAL_LM",
-    ))
+    targets = lora_targets(model, settings)
+    try:
+        return get_peft_model(model, LoraConfig(
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        ))
+    except NoMatchingPeftModuleError:
+        raise ConfigError(f"lora.targets {targets}: no module of {path} has any of these names; "
+                          "name its attention or MLP projections") from None
 
 
 def load_frozen_teacher(teacher: ModelRef, dtype: torch.dtype) -> PreTrainedModel:

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from akd_cache.config import CacheConfig, DataConfig, TeacherConfig
 from akd_cache.data.instructions import DroppedRow, Example
 from akd_cache.data.tokenize import tokenize_split
+from akd_cache.devices import require_device
 from akd_cache.errors import CacheError, DataError
 from akd_cache.models.resolve import resolve_model
 from akd_cache.models.vocab import check_top_k, model_vocab_size
@@ -100,6 +101,7 @@ def backend_factory(
             )
         from akd_cache.teacher.hf_backend import HFTeacher
 
+        require_device(teacher.device, "teacher.device")  # where the teacher loads
         return HFTeacher(
             teacher_path, k=cache.k, temperature=cache.temperature, dtype=teacher.dtype,
             device=teacher.device, batch_tokens=teacher.batch_tokens, revision=teacher.revision,

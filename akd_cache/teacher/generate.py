@@ -92,6 +92,7 @@ def generator_factory(
     built only when called."""
     return generation.generator_factory(
         teacher_path, teacher.backend, dtype=teacher.dtype, device=teacher.device,
+        device_setting="teacher.device",
         memory_utilization=teacher.vllm_memory_utilization, revision=teacher.revision,
         batch_size=batch_size,
     )
