@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from akd_cache.config import EvalConfig
 from akd_cache.evaluation.generate import generate_samples, generator_factory
 from akd_cache.evaluation.postprocess import DEFAULT_STOPS, to_solution, truncate_at_stops
-from akd_cache.evaluation.problems import build_prompt, load_problems
+from akd_cache.evaluation.problems import Problem, build_prompt, load_problems
 from akd_cache.evaluation.taxonomy import CUT_OFF, Attempt, classify
 from akd_cache.generation import Decoding, HFGenerator, complete_all, find_stop
 
@@ -73,10 +74,15 @@ def test_sampling_needs_a_temperature():
         Decoding(max_new_tokens=NEW_TOKENS, n_samples=2)
 
 
+def samples_cfg() -> tuple[EvalConfig, list[Problem]]:
+    cfg = EvalConfig(data_dir=str(EVALPLUS_DATA), n_tasks=3, max_new_tokens=4, batch_size=2)
+    return cfg, load_problems("humaneval", EVALPLUS_DATA, cfg.n_tasks, cfg.seed)
+
+
 def test_samples_file_is_written_and_resumed(tiny_models, tmp_path):
     out = tmp_path / "samples.jsonl"
-    cfg = EvalConfig(data_dir=str(EVALPLUS_DATA), n_tasks=3, max_new_tokens=4, batch_size=2)
-    generate_samples(generator_factory(tiny_models["llama"], cfg), "humaneval", out, cfg)
+    cfg, problems = samples_cfg()
+    generate_samples(generator_factory(tiny_models["llama"], cfg), problems, out, cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
     assert {"task_id", "solution", "raw", "truncated"} <= set(rows[0])
@@ -85,12 +91,36 @@ def test_samples_file_is_written_and_resumed(tiny_models, tmp_path):
     def must_not_load():
         raise AssertionError("every task is done: no model should be loaded")
 
-    generate_samples(must_not_load, "humaneval", out, cfg)
+    generate_samples(must_not_load, problems, out, cfg)
     assert out.read_text() == before
     # a resume makes the solutions again from the raw text: post-processing changes reach them
     out.write_text("".join(json.dumps({**row, "solution": "STALE"}) + "\n" for row in rows))
-    generate_samples(must_not_load, "humaneval", out, cfg)
+    generate_samples(must_not_load, problems, out, cfg)
     assert out.read_text() == before
+
+
+def test_unusable_lines_of_a_samples_file_are_named_dropped_and_made_again(tiny_models, tmp_path,
+                                                                         caplog):
+    out = tmp_path / "samples.jsonl"
+    cfg, problems = samples_cfg()
+    generator = generator_factory(tiny_models["llama"], cfg)
+    generate_samples(generator, problems, out, cfg)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    damaged = [{"task_id": rows[0]["task_id"]}, [1, 2], {"solution": "x"}, rows[1], rows[2],
+               {**rows[1], "truncated": "no"}]
+    out.write_text("".join(json.dumps(row) + "\n" for row in damaged) + "not json\n")
+    with caplog.at_level(logging.WARNING):
+        generate_samples(generator, problems, out, cfg)
+    again = "dropped, its task is generated again"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{out}: line 1: 'raw' missing or not a str; {again}",
+        f"{out}: line 2: a list, not an object; {again}",
+        f"{out}: line 3: 'task_id' missing or not a str; {again}",
+        f"{out}: line 6: 'truncated' missing or not a bool; {again}",
+        f"{out}: line 7: unparsable JSON (Expecting value at column 1); {again}",
+    ]
+    # greedy: the task that lost its row gets the same sample again, after the kept ones
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [*rows[1:], rows[0]]
 
 
 def test_prompts_follow_the_templates(humaneval):

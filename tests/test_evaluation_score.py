@@ -8,6 +8,7 @@ MBPP+ is checked on a fixed seeded subset of 50 tasks, less the slow ones.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from itertools import combinations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from evalplus.eval import estimate_pass_at_k
 
-from akd_cache.evaluation.problems import Problem, load_problems, subset_ids
+from akd_cache.evaluation.problems import Problem, load_problems, read_rows, subset_ids
 from akd_cache.evaluation.score import accuracy_loss, pass_at_k, score
 
 EVALPLUS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evalplus"
@@ -135,3 +136,35 @@ def test_a_missing_data_file_is_one_line_naming_the_setting(tmp_path):
     with pytest.raises(MissingInputError, match=rf"^{tmp_path}/HumanEvalPlus.jsonl.gz: no "
                                                 r"humaneval data there \(eval.data_dir\)"):
         load_problems("humaneval", tmp_path)
+
+
+def write_gzipped_rows(path: Path, rows: list) -> Path:
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def test_a_damaged_data_file_is_one_line_naming_it(tmp_path):
+    from akd_cache.errors import DataError
+
+    path = tmp_path / "HumanEvalPlus.jsonl.gz"
+    whole = (EVALPLUS_DATA / path.name).read_bytes()
+    for damage in (b"not gzip at all", whole[: len(whole) // 2]):
+        path.write_bytes(damage)
+        with pytest.raises(DataError, match=rf"^{path}: not a readable evalplus data file \(.+\); "
+                                            r"replace it with a fresh copy$"):
+            load_problems("humaneval", tmp_path)
+
+
+def test_a_data_row_without_a_field_is_one_line_naming_the_file_and_task(tmp_path):
+    from akd_cache.errors import DataError
+
+    rows = read_rows(EVALPLUS_DATA / "MbppPlus.jsonl.gz")
+    del rows[2]["prompt"]
+    path = write_gzipped_rows(tmp_path / "MbppPlus.jsonl.gz", rows)
+    with pytest.raises(DataError, match=rf"^{path}: row 3 \({rows[2]['task_id']}\) has no "
+                                        r"'prompt'; replace the file with a fresh copy$"):
+        load_problems("mbpp", tmp_path, n=1)
+    write_gzipped_rows(path, [*rows[:2], [1, 2]])
+    with pytest.raises(DataError, match=rf"^{path}: row 3 is a list, not an object"):
+        load_problems("mbpp", tmp_path)

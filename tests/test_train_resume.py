@@ -5,6 +5,7 @@ the same train_loss in metrics.json."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 from test_trainer import cache_and_student, interrupt_at_call  # noqa: F401 (a fixture)
 
 from akd_cache.config import AKD, TrainConfig
+from akd_cache.run_settings import log as run_settings_log
 from akd_cache.student.checkpoints import (
     COMPLETE_MARKER,
     checkpoint_folder,
@@ -36,7 +38,7 @@ from akd_cache.student.checkpoints import (
     rotate_checkpoints,
 )
 from akd_cache.student.run import train_experiment
-from akd_cache.student.trainer import mean_step_loss
+from akd_cache.student.trainer import DistillTrainer, mean_step_loss
 
 MAX_STEPS = 8
 SAVE_STEPS = 2
@@ -45,6 +47,12 @@ N_TRAIN = 16
 SEED = 9
 TIMINGS = {"tokens_per_s", "peak_memory_mb", "train_runtime", "train_samples_per_second",
            "train_steps_per_second"}
+RUN_SETTINGS_LOG = run_settings_log.name
+
+
+def removals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What `discard_if_changed` announced (other loggers, the Trainer's, are left out)."""
+    return [r.getMessage() for r in caplog.records if r.name == RUN_SETTINGS_LOG]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +131,48 @@ def test_train_loss_and_logs_after_a_resume_with_sparse_logging(
     assert logs[1] == logs[0]  # step 4, logged before the crash, is logged once
     weights = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("a", "b")]
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_a_run_resumes_across_settings_that_leave_its_weights(
+    cache_and_student, tmp_path, monkeypatch, caplog,  # noqa: F811 (the fixture imported above)
+):
+    """When it saves and logs and where runs are kept change no weight: an interrupted run
+    resumes across them to the weights of one never stopped. Another learning rate does: the
+    run's checkpoints and log go, and the log line says why."""
+    train = TrainConfig(batch_size=2, max_steps=6, save_steps=2, lr=1e-3, chunk_size=37)
+    location, student = cache_and_student
+
+    def run(out, train):
+        return train_experiment(location, student, AKD(beta=0.1), train, out, "x")
+
+    run(tmp_path / "a", train)
+    interrupt_at_call(monkeypatch, 2 * SAVE_STEPS)  # checkpoint-2 complete, step 4 not
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", train)
+    monkeypatch.undo()
+    steps = []
+    original = DistillTrainer.compute_loss
+    monkeypatch.setattr(DistillTrainer, "compute_loss",
+                        lambda self, *a, **kw: steps.append(1) or original(self, *a, **kw))
+    neutral = train.model_copy(update={"save_steps": 3, "logging_steps": 2,
+                                       "output_root": "elsewhere"})
+    with caplog.at_level(logging.WARNING, logger=RUN_SETTINGS_LOG):
+        run(tmp_path / "b", neutral)
+    monkeypatch.undo()
+    assert len(steps) == train.max_steps - SAVE_STEPS and not removals(caplog)
+    weights = [load_file(tmp_path / r / "model" / "model.safetensors") for r in ("a", "b")]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    out = tmp_path / "c"
+    interrupt_at_call(monkeypatch, 2 * SAVE_STEPS)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, train)
+    interrupt_at_call(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING, logger=RUN_SETTINGS_LOG), \
+            pytest.raises(KeyboardInterrupt):
+        run(out, train.model_copy(update={"lr": 2e-3}))
+    assert checkpoint_folders(out / "checkpoints") == {}
+    assert removals(caplog) == [
+        f"{out}: made under other settings (train.lr changed); removing checkpoints, log.jsonl"]
 
 
 def test_train_loss_weighs_each_logged_loss_by_the_steps_it_covers():

@@ -7,6 +7,7 @@ picks the prompts, resumes a samples file, and turns each completion into an eva
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,11 @@ from tqdm import tqdm
 from akd_cache import generation, jsonl
 from akd_cache.config import EvalConfig
 from akd_cache.evaluation.postprocess import DEFAULT_STOPS, to_solution
-from akd_cache.evaluation.problems import Dataset, Problem, build_prompt, load_problems
+from akd_cache.evaluation.problems import Problem, build_prompt
 from akd_cache.generation import Completion, Decoding, TextGenerator
+
+log = logging.getLogger(__name__)
+SAMPLE_FIELDS = {"task_id": str, "raw": str, "truncated": bool}  # what a resume reads of a row
 
 
 def decoding(cfg: EvalConfig) -> Decoding:
@@ -37,13 +41,44 @@ def generator_factory(model_dir: Path, cfg: EvalConfig, revision: str | None = N
     )
 
 
+def _unusable(value: object) -> str | None:
+    """What keeps a decoded line from being a samples row a resume can use; None if nothing."""
+    if not isinstance(value, dict):
+        return f"a {type(value).__name__}, not an object"
+    for field, kind in SAMPLE_FIELDS.items():
+        if not isinstance(value.get(field), kind):
+            return f"{field!r} missing or not a {kind.__name__}"
+    return None
+
+
+def _sample_rows(out_path: Path) -> list[dict]:
+    """The usable rows of `out_path`. Any other line (cut by a crash, not JSON, not a samples
+    row) is reported by its number and dropped, so its task is generated again."""
+    rows = []
+    for line_no, raw in enumerate(out_path.read_bytes().split(jsonl.NEWLINE), 1):
+        if not raw.strip():
+            continue
+        try:
+            value = jsonl.decode_line(raw)
+        except ValueError as err:
+            reason = str(err)
+        else:
+            reason = _unusable(value)
+        if reason is None:
+            rows.append(value)
+        else:
+            log.warning("%s: line %d: %s; dropped, its task is generated again", out_path,
+                        line_no, reason)
+    return rows
+
+
 def _existing(out_path: Path, n_samples: int, problems: dict[str, Problem]) -> set[str]:
-    """Task ids already complete in `out_path`. Rows of unfinished tasks and a line cut by a
-    crash are dropped from the file, so they are generated again; the kept rows' solutions are
-    made again from their raw text, so a change to the post-processing reaches them."""
+    """Task ids already complete in `out_path`. Rows of unfinished tasks and unusable lines are
+    dropped from the file, so they are generated again; the kept rows' solutions are made again
+    from their raw text, so a change to the post-processing reaches them."""
     if not out_path.exists():
         return set()
-    rows = [row for row in jsonl.read_lines(out_path) if not isinstance(row, jsonl.BadLine)]
+    rows = _sample_rows(out_path)
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_task[row["task_id"]].append(row)
@@ -65,15 +100,14 @@ def _row(problem: Problem, completion: Completion) -> str:
 
 
 def generate_samples(
-    generator: Callable[[], TextGenerator], dataset: Dataset, out_path: Path, cfg: EvalConfig
+    generator: Callable[[], TextGenerator], problems: list[Problem], out_path: Path,
+    cfg: EvalConfig,
 ) -> Path:
-    """`cfg.n_samples` samples for every task (or a seeded subset of `cfg.n_tasks`), appended as
-    they finish; tasks already complete in `out_path` are skipped, so an interrupted run resumes.
-    `generator` is called only when something is left to generate."""
+    """`cfg.n_samples` samples for every problem, appended as they finish; tasks already
+    complete in `out_path` are skipped, so an interrupted run resumes. `generator` is called
+    only when something is left to generate."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
     done = _existing(out_path, cfg.n_samples, {p.task_id: p for p in problems})
     todo = [p for p in problems if p.task_id not in done]
     if not todo:
@@ -84,7 +118,7 @@ def generate_samples(
         completions = model.complete(prompts, decoding(cfg))
         with out_path.open("a") as out:
             for i, completion in tqdm(completions, total=len(todo) * cfg.n_samples,
-                                      desc=f"generate {dataset}", unit="sample"):
+                                      desc=f"generate {out_path.stem}", unit="sample"):
                 out.write(_row(todo[i], completion))
                 out.flush()
     finally:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ast
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from akd_cache import jsonl
 from akd_cache.data.templates import render_prompt
-from akd_cache.errors import MissingInputError
+from akd_cache.errors import DataError, MissingInputError
 
 Dataset = Literal["humaneval", "mbpp"]
 DATA_FILES: dict[Dataset, str] = {
@@ -77,7 +78,11 @@ def read_rows(path: Path) -> list[dict]:
     tuples, sets and complex numbers that would not survive being written back)."""
     from evalplus.data.utils import stream_jsonl
 
-    return list(stream_jsonl(str(path)))
+    try:
+        return list(stream_jsonl(str(path)))
+    except (OSError, EOFError, zlib.error, ValueError) as err:  # not gzip, cut short, not JSON
+        raise DataError(f"{path}: not a readable evalplus data file ({err}); replace it with "
+                        "a fresh copy") from None
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
@@ -104,6 +109,19 @@ def to_problem(dataset: Dataset, row: dict) -> Problem:
     )
 
 
+def _checked_problem(dataset: Dataset, row: object, path: Path, row_no: int) -> Problem:
+    """`to_problem`, or a DataError naming the file, the row and the task of a damaged row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: row {row_no} is a {type(row).__name__}, not an object; replace "
+                        "the file with a fresh copy")
+    try:
+        return to_problem(dataset, row)
+    except KeyError as err:
+        task = row.get("task_id", "no task_id")
+        raise DataError(f"{path}: row {row_no} ({task}) has no {err.args[0]!r}; replace the file "
+                        "with a fresh copy") from None
+
+
 def subset_ids(task_ids: list[str], n: int, seed: int) -> list[str]:
     """`n` task ids drawn with `seed`, in dataset order, so demos score a stable subset."""
     chosen = set(random.Random(seed).sample(task_ids, min(n, len(task_ids))))
@@ -114,11 +132,13 @@ def load_problems(
     dataset: Dataset, data_dir: Path | None = None, n: int | None = None, seed: int = 0
 ) -> list[Problem]:
     """All problems, or a seeded subset of `n` of them."""
-    rows = read_rows(dataset_file(dataset, data_dir))
+    path = dataset_file(dataset, data_dir)
+    problems = [_checked_problem(dataset, row, path, row_no)
+                for row_no, row in enumerate(read_rows(path), 1)]
     if n is not None:
-        keep = set(subset_ids([r["task_id"] for r in rows], n, seed))
-        rows = [r for r in rows if r["task_id"] in keep]
-    return [to_problem(dataset, r) for r in rows]
+        keep = set(subset_ids([p.task_id for p in problems], n, seed))
+        problems = [p for p in problems if p.task_id in keep]
+    return problems
 
 
 def instruction(problem: Problem) -> str:

@@ -29,6 +29,10 @@ def taxonomy_json(summary) -> dict:
 
 
 SETTINGS_FILE = "eval_settings.json"
+SAMPLE_NEUTRAL_SETTINGS = frozenset({"eval.data_dir", "eval.datasets", "eval.taxonomy_workers"})
+"""Settings that leave the generated samples as they are, so a change to them keeps them:
+where the data files lie (moving the folder changes no prompt), which datasets run (each has
+its own samples file) and how many processes classify the failures (after generation)."""
 SCORING_DIR = "scoring"  # evalplus's run folders, one per dataset, each replaced by the next run
 
 
@@ -37,20 +41,23 @@ def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig, revision: str | 
     """Per dataset: samples (resumable), a fresh evalplus run, the taxonomy of the failures.
     A hub model has no local weights to hash, so its `revision` stands in the settings that
     decide whether earlier samples still count."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    # read before anything is discarded: bad data settings must not cost the samples
+    problems = {d: load_problems(d, data_dir, cfg.n_tasks, cfg.seed) for d in cfg.datasets}
     settings = {"model": weights_sha256(str(model_dir)), "revision": revision,
                 "eval": cfg.model_dump()}
-    discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"))
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"),
+                       SAMPLE_NEUTRAL_SETTINGS)
     generator = generator_factory(model_dir, cfg, revision)
     datasets, taxonomy = {}, {}
     for dataset in cfg.datasets:
-        samples = generate_samples(generator, dataset, out / f"{dataset}_samples.jsonl", cfg)
+        samples = generate_samples(generator, problems[dataset],
+                                   out / f"{dataset}_samples.jsonl", cfg)
         scoring = out / SCORING_DIR / dataset  # the last scoring run only: each makes a folder
         shutil.rmtree(scoring, ignore_errors=True)
         result = score(samples, dataset, data_dir=data_dir, work_dir=scoring,
                        allow_subset=cfg.n_tasks is not None)
-        problems = load_problems(dataset, data_dir, cfg.n_tasks, cfg.seed)
-        summary, rows = classify(attempts_from_scores(result.samples, problems),
+        summary, rows = classify(attempts_from_scores(result.samples, problems[dataset]),
                                  workers=cfg.taxonomy_workers)
         jsonl.write(out / f"{dataset}_taxonomy.jsonl", map(asdict, rows), ensure_ascii=True)
         datasets[dataset] = {

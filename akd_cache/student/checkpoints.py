@@ -25,6 +25,12 @@ from akd_cache.run_settings import discard_if_changed
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 RUN_SETTINGS_FILE = "run_settings.json"  # the settings a run's checkpoints and log were made with
+RESUME_NEUTRAL_SETTINGS = frozenset({"train.save_steps", "train.logging_steps",
+                                     "train.output_root"})
+"""Settings a run resumes across, so a change to them alone keeps its checkpoints: when it saves
+and logs (neither moves the weights, and a resumed Trainer keeps the checkpoint's own intervals)
+and where runs are kept (a moved folder holds the same run). Not `train.dataloader_workers`: with
+dropout, the trained weights differ with the number of workers."""
 CHECKPOINTS_KEPT = 2  # the last complete one to resume from, and one spare
 TEMP_SUFFIX = ".tmp"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -32,12 +38,14 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 def discard_changed_run(args: TrainingArguments, out: Path, settings: dict, checkpoints: Path
                         ) -> None:
-    """Drop the checkpoints and log of a run made under other settings, so they are never
-    resumed. Under torchrun every rank gets here: the main process removes them before any
-    rank looks for a checkpoint or builds its Trainer (which makes the output folder)."""
+    """Drop the checkpoints and log of a run made under settings that change its result, so
+    they are never resumed (and say so, naming the settings that changed). Under torchrun every
+    rank gets here: the main process removes them before any rank looks for a checkpoint or
+    builds its Trainer (which makes the output folder)."""
     with args.main_process_first(local=False, desc="discarding a run of other settings"):
         if args.process_index == 0:
-            discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"])
+            discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"],
+                               RESUME_NEUTRAL_SETTINGS)
 
 
 def checkpoint_folder(root: Path, step: int) -> Path:
