@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from akd_cache.config import EvalConfig
-from akd_cache.errors import MissingInputError
+from akd_cache.errors import ConfigError, MissingInputError
 from akd_cache.evaluation.run import SETTINGS_FILE, evaluate_model
 from akd_cache.run_settings import log as run_settings_log
 
@@ -73,7 +74,7 @@ def test_a_new_revision_of_the_model_makes_its_samples_again(tiny_models, tmp_pa
 
 
 def test_bad_data_settings_cost_no_samples_and_moved_data_keeps_them(tiny_models, tmp_path,
-                                                                     caplog):
+                                                                     caplog, monkeypatch):
     """The data is read before anything is discarded; where it lies, which datasets run and
     how many processes classify change no sample, so they keep the samples."""
     cfg = small_cfg()
@@ -86,6 +87,11 @@ def test_bad_data_settings_cost_no_samples_and_moved_data_keeps_them(tiny_models
     with pytest.raises(MissingInputError, match=rf"^{nowhere}/HumanEvalPlus.jsonl.gz: no "
                                                 r"humaneval data there \(eval.data_dir\)"):
         evaluate_model(tiny_models["llama"], out, cfg.model_copy(update={"data_dir": str(nowhere)}))
+    assert {path: path.read_text() for path in before} == before
+    with monkeypatch.context() as cpu_only:  # a device the machine lacks: refused, nothing lost
+        cpu_only.setattr(torch.accelerator, "is_available", lambda: False)
+        with pytest.raises(ConfigError, match=r"^eval.device 'cuda': this machine has no "):
+            evaluate_model(tiny_models["llama"], out, cfg.model_copy(update={"device": "cuda"}))
     assert {path: path.read_text() for path in before} == before
     moved = shutil.copytree(EVALPLUS, tmp_path / "moved")
     with caplog.at_level(logging.WARNING, logger=RUN_SETTINGS_LOG):

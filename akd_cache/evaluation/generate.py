@@ -36,8 +36,8 @@ def generator_factory(model_dir: Path, cfg: EvalConfig, revision: str | None = N
     """The backend `cfg.backend` names, on `cfg`'s device, dtype and memory share."""
     return generation.generator_factory(
         str(model_dir), cfg.backend, dtype=cfg.dtype, device=cfg.device,
-        device_setting="eval.device", memory_utilization=cfg.vllm_memory_utilization, revision=revision,
-        batch_size=cfg.batch_size,
+        device_setting="eval.device", memory_utilization=cfg.vllm_memory_utilization,
+        revision=revision, batch_size=cfg.batch_size,
     )
 
 

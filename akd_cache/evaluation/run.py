@@ -8,6 +8,7 @@ from pathlib import Path
 
 from akd_cache import jsonl
 from akd_cache.config import EvalConfig
+from akd_cache.devices import require_device
 from akd_cache.evaluation.generate import generate_samples, generator_factory
 from akd_cache.evaluation.problems import load_problems
 from akd_cache.evaluation.score import score
@@ -42,8 +43,10 @@ def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig, revision: str | 
     A hub model has no local weights to hash, so its `revision` stands in the settings that
     decide whether earlier samples still count."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    # read before anything is discarded: bad data settings must not cost the samples
+    # read before anything is discarded: bad data or device settings must not cost the samples
     problems = {d: load_problems(d, data_dir, cfg.n_tasks, cfg.seed) for d in cfg.datasets}
+    if cfg.backend == "hf":
+        require_device(cfg.device, "eval.device")
     settings = {"model": weights_sha256(str(model_dir)), "revision": revision,
                 "eval": cfg.model_dump()}
     discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"),
