@@ -1,13 +1,16 @@
 """The `akd` command: the pipeline stages by name, plus tools on caches.
 
 An expected failure (an `AkdError`: a bad setting, missing input, damaged or locked cache, a
-model that is not there) prints one line, `akd <command>: <message>`, and exits with code 2.
+model that is not there; or a path the machine will not let it use: no permission, a file where
+a folder should be, a full disk) prints one line, `akd <command>: <message>`, and exits with
+code 2.
 `--debug` anywhere on the command line, or `AKD_DEBUG=1`, shows its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -26,6 +29,11 @@ STAGES = {
     "report": "stages.report",
 }
 EXIT_USAGE = 2  # what argparse exits with on a bad command line; expected errors share it
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
+"""What the machine refuses about a path the settings or the command name, which the user fixes
+there; any other OSError (a file the code expected to find, say) is a bug and keeps its
+traceback."""
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "AKD_DEBUG"
 
@@ -111,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         message = " ".join(str(err).splitlines())
         print(f"akd {command}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        if debug or err.errno not in PATH_ERRNOS or err.filename is None:
+            raise
+        print(f"akd {command}: {err.filename}: {err.strerror}; fix the path's permissions or "
+              "free space, or set another path", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 

@@ -16,6 +16,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+MODEL_DIR = "model"  # a finished training run's weights and tokenizer
+METRICS_FILE = "metrics.json"  # a finished run's summary (training or evaluation)
+"""A run's final outputs: when its settings change they go with its checkpoints or samples, so
+a failed run under the new settings never leaves the old run's results looking like its own."""
+
 _ABSENT = object()  # a setting one side has and the other has not
 
 

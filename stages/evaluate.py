@@ -11,6 +11,7 @@ from akd_cache.config import load_params
 from akd_cache.errors import ConfigError
 from akd_cache.evaluation.run import evaluate_model
 from akd_cache.models.resolve import resolve_model
+from akd_cache.run_settings import METRICS_FILE, MODEL_DIR
 from stages.common import RUNS_DIR, require_input, stage_args, write_json
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = resolve_model(profile.student.model, "student.model")
         kind, method = "student", None
     elif args.model in params.experiments:
-        trained = Path(profile.train.output_root) / args.model / "model"
+        trained = Path(profile.train.output_root) / args.model / MODEL_DIR
         model_dir = str(require_input(trained, f"train --experiment {args.model}"))
         kind, method = "trained", params.experiments[args.model].method
     else:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     out = RUNS_DIR / "eval" / args.model
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_model(Path(model_dir), out, profile.eval, revision)
-    write_json(out / "metrics.json", {"model": args.model, "kind": kind, "method": method,
+    write_json(out / METRICS_FILE, {"model": args.model, "kind": kind, "method": method,
                                       **result})
     scores = ", ".join(f"{name} {d['base_pass_at_1']:.3f}/{d['plus_pass_at_1']:.3f}"
                        for name, d in result["datasets"].items())

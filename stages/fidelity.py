@@ -27,6 +27,7 @@ from akd_cache.devices import require_device
 from akd_cache.errors import ConfigError
 from akd_cache.evaluation.fidelity import per_sample_fidelity, summarise
 from akd_cache.models.resolve import resolve_model
+from akd_cache.run_settings import MODEL_DIR
 from akd_cache.store.reader import TeacherCache
 from akd_cache.student.setup import load_frozen_teacher
 from akd_cache.teacher.build import check_cache_settings
@@ -53,11 +54,11 @@ def model_paths(params: Params, names: list[str] | None) -> dict[str, str]:
         if name == UNTRAINED:
             paths[name] = resolve_model(profile.student.model, "student.model")
         elif name in params.experiments:
-            folder = Path(profile.train.output_root) / name / "model"
+            folder = Path(profile.train.output_root) / name / MODEL_DIR
             paths[name] = str(require_input(folder, f"train --experiment {name}"))
         elif Path(name).is_dir():
             folder = Path(name)
-            paths[folder.parent.name if folder.name == "model" else folder.name] = name
+            paths[folder.parent.name if folder.name == MODEL_DIR else folder.name] = name
         else:
             raise ConfigError(f"--model {name!r}: neither `{UNTRAINED}`, an experiment of "
                               f"params.yaml, nor a model folder")

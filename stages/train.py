@@ -17,6 +17,7 @@ from akd_cache.config import DistillationExperiment, MiniLLM, ModelRef, SeqKD, l
 from akd_cache.data.instructions import read_examples
 from akd_cache.errors import ConfigError
 from akd_cache.models.resolve import resolve_model
+from akd_cache.run_settings import METRICS_FILE
 from akd_cache.store.reader import TeacherCache
 from akd_cache.student.run import train_experiment
 from akd_cache.teacher.build import check_cache_settings
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if not PartialState().is_main_process:  # under torchrun, rank 0 reports for all
         return
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     beta = "" if metrics["final_beta"] is None else f", beta {metrics['final_beta']:.3f}"
     print(f"train {args.experiment} ({metrics['teacher']} teacher): {metrics['steps']} steps, "
           f"loss {metrics['train_loss']:.4f}{beta}, {metrics['wall_s']:.0f} s")

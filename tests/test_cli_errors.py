@@ -3,6 +3,7 @@ with exit code 2; `--debug` / AKD_DEBUG=1 show the traceback; a bug keeps its tr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -127,6 +128,22 @@ def test_unexpected_errors_keep_their_traceback(workdir, monkeypatch):
 
     monkeypatch.setattr(stages.prepare, "main", bug)
     with pytest.raises(KeyError, match="a bug"):
+        main(["prepare"])
+
+
+def test_a_path_the_machine_refuses_is_one_line_naming_it(workdir, codealpaca_path, tiny,
+                                                          capsys, monkeypatch):
+    write_params(workdir, codealpaca_path, tiny, {"model": tiny})
+    (workdir / "data").write_text("a file where the prepared data's folder goes")
+    assert akd(capsys, "prepare") == (
+        2, ("akd prepare: data/prepared: Not a directory; fix the path's permissions or free "
+           "space, or set another path"))
+
+    def bug(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "internal.json")
+
+    monkeypatch.setattr(stages.prepare, "main", bug)  # a file the code itself expected: a bug
+    with pytest.raises(FileNotFoundError, match="internal.json"):
         main(["prepare"])
 
 

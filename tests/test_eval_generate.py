@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,7 +87,7 @@ def test_samples_file_is_written_and_resumed(tiny_models, tmp_path):
     generate_samples(generator_factory(tiny_models["llama"], cfg), problems, out, cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
-    assert {"task_id", "solution", "raw", "truncated"} <= set(rows[0])
+    assert {"task_id", "solution", "raw", "truncated", "prompt_sha256"} <= set(rows[0])
     before = out.read_text()
 
     def must_not_load():
@@ -121,6 +123,36 @@ def test_unusable_lines_of_a_samples_file_are_named_dropped_and_made_again(tiny_
     ]
     # greedy: the task that lost its row gets the same sample again, after the kept ones
     assert [json.loads(line) for line in out.read_text().splitlines()] == [*rows[1:], rows[0]]
+
+
+def test_a_task_whose_prompt_changed_is_generated_again_and_named(tiny_models, tmp_path, caplog):
+    out = tmp_path / "samples.jsonl"
+    cfg, problems = samples_cfg()
+    generator = generator_factory(tiny_models["llama"], cfg)
+    generate_samples(generator, problems, out, cfg)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # a new release of the data rewords the second task: its old sample no longer counts
+    edited = [*problems[:1], replace(problems[1], prompt=problems[1].prompt + "    # v2\n"),
+              *problems[2:]]
+    loaded = []
+
+    def counting_generator():
+        loaded.append(1)
+        return generator()
+
+    with caplog.at_level(logging.WARNING):
+        generate_samples(counting_generator, edited, out, cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        (f"{out}: 1 task(s) were generated from another prompt than today's (the eval data "
+         f"changed): {problems[1].task_id}; their samples are generated again")]
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert loaded == [1]
+    changed = problems[1].task_id
+    assert again[:2] == [row for row in rows if row["task_id"] != changed]  # kept as they were
+    old = next(row for row in rows if row["task_id"] == changed)
+    assert again[2]["task_id"] == changed
+    assert again[2]["prompt_sha256"] == hashlib.sha256(
+        build_prompt(edited[1], cfg.template).encode()).hexdigest() != old["prompt_sha256"]
 
 
 def test_prompts_follow_the_templates(humaneval):

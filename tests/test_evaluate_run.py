@@ -11,6 +11,7 @@ import torch
 from akd_cache.config import EvalConfig
 from akd_cache.errors import ConfigError, MissingInputError
 from akd_cache.evaluation.run import SETTINGS_FILE, evaluate_model
+from akd_cache.run_settings import METRICS_FILE
 from akd_cache.run_settings import log as run_settings_log
 
 EVALPLUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evalplus"
@@ -61,16 +62,21 @@ def test_a_new_revision_of_the_model_makes_its_samples_again(tiny_models, tmp_pa
     """A hub model has no local weights to hash: its revision decides whether samples count."""
     cfg = small_cfg()
     samples = tmp_path / "humaneval_samples.jsonl"
+    metrics = tmp_path / METRICS_FILE  # what `akd evaluate` writes from the result
     evaluate_model(tiny_models["llama"], tmp_path, cfg, revision="v1")
+    metrics.write_text("{}")
     mark_samples(samples)
     evaluate_model(tiny_models["llama"], tmp_path, cfg, revision="v1")
-    assert raws(samples) == ["MARK", "MARK"]
+    assert raws(samples) == ["MARK", "MARK"] and metrics.exists()
     with caplog.at_level(logging.WARNING, logger=RUN_SETTINGS_LOG):
         evaluate_model(tiny_models["llama"], tmp_path, cfg, revision="v2")
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["revision"] == "v2"
     assert len(raws(samples)) == 2 and "MARK" not in raws(samples)
+    # the old result goes with its samples: a failed run leaves none that looks like its own
+    assert not metrics.exists()
     assert removals(caplog) == [(f"{tmp_path}: made under other settings (revision changed); "
-                                 "removing humaneval_samples.jsonl, humaneval_taxonomy.jsonl")]
+                                 f"removing humaneval_samples.jsonl, humaneval_taxonomy.jsonl, "
+                                 f"{METRICS_FILE}")]
 
 
 def test_bad_data_settings_cost_no_samples_and_moved_data_keeps_them(tiny_models, tmp_path,

@@ -168,3 +168,21 @@ def test_a_data_row_without_a_field_is_one_line_naming_the_file_and_task(tmp_pat
     write_gzipped_rows(path, [*rows[:2], [1, 2]])
     with pytest.raises(DataError, match=rf"^{path}: row 3 is a list, not an object"):
         load_problems("mbpp", tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    ("entry_point", 7, r"'entry_point' is not a string \(int\)"),
+    ("assertion", ["assert f(1) == 2"], r"'assertion' is not a string \(list\)"),
+    ("prompt", "Write a function", r"'prompt' is not a Python string literal \(.+\)"),
+])
+def test_a_data_row_with_a_wrong_value_is_one_line_naming_the_file_task_and_field(
+    tmp_path, field, value, problem
+):
+    from akd_cache.errors import DataError
+
+    rows = read_rows(EVALPLUS_DATA / "MbppPlus.jsonl.gz")
+    rows[4][field] = value
+    path = write_gzipped_rows(tmp_path / "MbppPlus.jsonl.gz", rows)
+    with pytest.raises(DataError, match=rf"^{path}: row 5 \({rows[4]['task_id']}\): {problem}; "
+                                        r"replace the file with a fresh copy$"):
+        load_problems("mbpp", tmp_path)

@@ -190,9 +190,18 @@ def test_resume_after_crash_equals_an_uninterrupted_run(setup, reference_cache, 
     group = zarr.open_group(str(location), mode="r")
     done = group["shard_done"][:]
     assert 0 < done.sum() < len(done)
-    with pytest.raises(CacheError, match="incomplete"):
+    with pytest.raises(CacheError, match=rf"^{location}: incomplete cache \({done.sum()} of "
+                                         rf"{len(done)} shards\); resume the cache stage"):
         TeacherCache(str(location))
     assert len(TeacherCache(str(location), allow_incomplete=True)) == len(setup["samples"])
+    # flags that do not decode still leave a one-line refusal
+    flags = location / "shard_done" / "c" / "0"
+    kept = flags.read_bytes()
+    flags.write_bytes(bytes(b ^ 0xFF for b in kept))
+    with pytest.raises(CacheError, match=rf"^{location}: incomplete cache \({len(done)} shards, "
+                                         r"its shard_done flags unreadable\)"):
+        TeacherCache(str(location))
+    flags.write_bytes(kept)
     assert build(location, setup)
     for name, ref in row_arrays(reference_cache).items():
         np.testing.assert_array_equal(row_arrays(location)[name], ref, err_msg=name)

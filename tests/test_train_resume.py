@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from test_trainer import cache_and_student, interrupt_at_call  # noqa: F401 (a fixture)
 
 from akd_cache.config import AKD, TrainConfig
+from akd_cache.run_settings import METRICS_FILE, MODEL_DIR
 from akd_cache.run_settings import log as run_settings_log
 from akd_cache.student.checkpoints import (
     COMPLETE_MARKER,
@@ -160,7 +161,7 @@ def test_a_run_resumes_across_settings_that_leave_its_weights(
         run(tmp_path / "b", neutral)
     monkeypatch.undo()
     assert len(steps) == train.max_steps - SAVE_STEPS and not removals(caplog)
-    weights = [load_file(tmp_path / r / "model" / "model.safetensors") for r in ("a", "b")]
+    weights = [load_file(tmp_path / r / MODEL_DIR / "model.safetensors") for r in ("a", "b")]
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
     out = tmp_path / "c"
     interrupt_at_call(monkeypatch, 2 * SAVE_STEPS)
@@ -173,6 +174,19 @@ def test_a_run_resumes_across_settings_that_leave_its_weights(
     assert checkpoint_folders(out / "checkpoints") == {}
     assert removals(caplog) == [
         f"{out}: made under other settings (train.lr changed); removing checkpoints, log.jsonl"]
+    # a finished run's model and metrics (`akd train` writes them beside it) go too, so a failed
+    # run under new settings never leaves the old result looking like its own
+    out = tmp_path / "b"
+    (out / METRICS_FILE).write_text("{}")
+    caplog.clear()
+    monkeypatch.undo()
+    interrupt_at_call(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING, logger=RUN_SETTINGS_LOG), \
+            pytest.raises(KeyboardInterrupt):
+        run(out, train.model_copy(update={"lr": 2e-3}))
+    assert not (out / MODEL_DIR).exists() and not (out / METRICS_FILE).exists()
+    assert removals(caplog) == [(f"{out}: made under other settings (train.lr changed); "
+                                 f"removing log.jsonl, {METRICS_FILE}, {MODEL_DIR}")]
 
 
 def test_train_loss_weighs_each_logged_loss_by_the_steps_it_covers():

@@ -6,6 +6,7 @@ picks the prompts, resumes a samples file, and turns each completion into an eva
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import defaultdict
@@ -18,10 +19,12 @@ from akd_cache import generation, jsonl
 from akd_cache.config import EvalConfig
 from akd_cache.evaluation.postprocess import DEFAULT_STOPS, to_solution
 from akd_cache.evaluation.problems import Problem, build_prompt
-from akd_cache.generation import Completion, Decoding, TextGenerator
+from akd_cache.generation import Decoding, TextGenerator
 
 log = logging.getLogger(__name__)
-SAMPLE_FIELDS = {"task_id": str, "raw": str, "truncated": bool}  # what a resume reads of a row
+SAMPLE_FIELDS = {"task_id": str, "raw": str, "truncated": bool, "prompt_sha256": str}
+"""What a resume reads of a row; the prompt's digest tells whether the eval data (or anything
+else that builds the prompt) changed since the row was generated."""
 
 
 def decoding(cfg: EvalConfig) -> Decoding:
@@ -72,31 +75,39 @@ def _sample_rows(out_path: Path) -> list[dict]:
     return rows
 
 
-def _existing(out_path: Path, n_samples: int, problems: dict[str, Problem]) -> set[str]:
-    """Task ids already complete in `out_path`. Rows of unfinished tasks and unusable lines are
-    dropped from the file, so they are generated again; the kept rows' solutions are made again
-    from their raw text, so a change to the post-processing reaches them."""
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+def _existing(out_path: Path, n_samples: int, problems: dict[str, Problem],
+              digests: dict[str, str]) -> set[str]:
+    """Task ids already complete in `out_path`. Rows of unfinished tasks, rows generated from
+    another prompt than the task's today (`digests`) and unusable lines are dropped from the
+    file, so they are generated again; the kept rows' solutions are made again from their raw
+    text, so a change to the post-processing reaches them."""
     if not out_path.exists():
         return set()
     rows = _sample_rows(out_path)
+    changed = sorted({row["task_id"] for row in rows if row["task_id"] in digests
+                      and row["prompt_sha256"] != digests[row["task_id"]]})
+    if changed:
+        log.warning("%s: %d task(s) were generated from another prompt than today's (the eval "
+                    "data changed): %s; their samples are generated again", out_path,
+                    len(changed), ", ".join(changed))
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_task[row["task_id"]].append(row)
     done = {t for t, task_rows in by_task.items()
-            if t in problems and len(task_rows) >= n_samples}
-    kept = [_record(problems[row["task_id"]], row["raw"], row["truncated"])
+            if t in problems and t not in changed and len(task_rows) >= n_samples}
+    kept = [_record(problems[row["task_id"]], row["raw"], row["truncated"], row["prompt_sha256"])
             for row in rows if row["task_id"] in done]
     jsonl.write(out_path, kept, ensure_ascii=True)  # evalplus reads it in the locale's encoding
     return done
 
 
-def _record(problem: Problem, raw: str, truncated: bool) -> dict:
+def _record(problem: Problem, raw: str, truncated: bool, digest: str) -> dict:
     return {"task_id": problem.task_id, "solution": to_solution(raw, problem, DEFAULT_STOPS),
-            "raw": raw, "truncated": truncated}
-
-
-def _row(problem: Problem, completion: Completion) -> str:
-    return json.dumps(_record(problem, completion.text, completion.truncated)) + "\n"
+            "raw": raw, "truncated": truncated, "prompt_sha256": digest}
 
 
 def generate_samples(
@@ -108,18 +119,22 @@ def generate_samples(
     only when something is left to generate."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _existing(out_path, cfg.n_samples, {p.task_id: p for p in problems})
+    prompts = {p.task_id: build_prompt(p, cfg.template) for p in problems}
+    digests = {task: prompt_digest(prompt) for task, prompt in prompts.items()}
+    done = _existing(out_path, cfg.n_samples, {p.task_id: p for p in problems}, digests)
     todo = [p for p in problems if p.task_id not in done]
     if not todo:
         return out_path
-    prompts = [build_prompt(p, cfg.template) for p in todo]
     model = generator()
     try:
-        completions = model.complete(prompts, decoding(cfg))
+        completions = model.complete([prompts[p.task_id] for p in todo], decoding(cfg))
         with out_path.open("a") as out:
             for i, completion in tqdm(completions, total=len(todo) * cfg.n_samples,
                                       desc=f"generate {out_path.stem}", unit="sample"):
-                out.write(_row(todo[i], completion))
+                problem = todo[i]
+                row = _record(problem, completion.text, completion.truncated,
+                              digests[problem.task_id])
+                out.write(json.dumps(row) + "\n")
                 out.flush()
     finally:
         generation.shut_down(model)

@@ -92,6 +92,13 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
+TEXT_FIELDS: dict[Dataset, tuple[str, ...]] = {
+    "humaneval": ("task_id", "prompt", "entry_point", "canonical_solution", "test"),
+    "mbpp": ("task_id", "prompt", "entry_point", "canonical_solution", "assertion"),
+}
+"""The fields a problem is made of, each a string; evalplus's own loader reads the rest."""
+
+
 def _tests(dataset: Dataset, row: dict) -> str:
     if dataset == "humaneval":
         return f"{row['test']}\n\ncheck({row['entry_point']})\n"
@@ -114,12 +121,21 @@ def _checked_problem(dataset: Dataset, row: object, path: Path, row_no: int) -> 
     if not isinstance(row, dict):
         raise DataError(f"{path}: row {row_no} is a {type(row).__name__}, not an object; replace "
                         "the file with a fresh copy")
+    task = row.get("task_id", "no task_id")
+    fail = f"{path}: row {row_no} ({task})"
+    for field in TEXT_FIELDS[dataset]:
+        if field not in row:
+            raise DataError(f"{fail} has no {field!r}; replace the file with a fresh copy")
+        if not isinstance(row[field], str):
+            raise DataError(f"{fail}: {field!r} is not a string ({type(row[field]).__name__}); "
+                            "replace the file with a fresh copy")
+    problem = to_problem(dataset, row)
     try:
-        return to_problem(dataset, row)
-    except KeyError as err:
-        task = row.get("task_id", "no task_id")
-        raise DataError(f"{path}: row {row_no} ({task}) has no {err.args[0]!r}; replace the file "
-                        "with a fresh copy") from None
+        instruction(problem)
+    except (ValueError, SyntaxError) as err:  # an MBPP prompt that is not a string literal
+        raise DataError(f"{fail}: 'prompt' is not a Python string literal ({err}); replace the "
+                        "file with a fresh copy") from None
+    return problem
 
 
 def subset_ids(task_ids: list[str], n: int, seed: int) -> list[str]:

@@ -13,7 +13,7 @@ from akd_cache.evaluation.generate import generate_samples, generator_factory
 from akd_cache.evaluation.problems import load_problems
 from akd_cache.evaluation.score import score
 from akd_cache.evaluation.taxonomy import attempts_from_scores, classify
-from akd_cache.run_settings import discard_if_changed
+from akd_cache.run_settings import METRICS_FILE, discard_if_changed
 from akd_cache.teacher.identity import weights_sha256
 
 
@@ -49,7 +49,7 @@ def evaluate_model(model_dir: Path, out: Path, cfg: EvalConfig, revision: str | 
         require_device(cfg.device, "eval.device")
     settings = {"model": weights_sha256(str(model_dir)), "revision": revision,
                 "eval": cfg.model_dump()}
-    discard_if_changed(out, SETTINGS_FILE, settings, out.glob("*.jsonl"),
+    discard_if_changed(out, SETTINGS_FILE, settings, [*out.glob("*.jsonl"), out / METRICS_FILE],
                        SAMPLE_NEUTRAL_SETTINGS)
     generator = generator_factory(model_dir, cfg, revision)
     datasets, taxonomy = {}, {}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from akd_cache import jsonl
+from akd_cache.run_settings import METRICS_FILE
 
 
 @dataclass
@@ -63,9 +64,9 @@ def load_runs(runs_dir: Path, models: Collection[str], train_dir: Path | None = 
     fidelity = {p.stem: p for p in sorted((runs_dir / "fidelity").glob("*.json"))}
     return RunData(
         evals={m: jsonl.read_json(p) for m, p in
-               _per_folder(runs_dir / "eval", "metrics.json").items() if m in models},
+               _per_folder(runs_dir / "eval", METRICS_FILE).items() if m in models},
         train={e: jsonl.read_json(p) for e, p in
-               _per_folder(train_dir, "metrics.json").items() if e in models},
+               _per_folder(train_dir, METRICS_FILE).items() if e in models},
         logs={e: read_log(p) for e, p in _per_folder(train_dir, "log.jsonl").items()
               if e in models},
         fidelity={m: jsonl.read_json(p, dict, ["metrics"]) for m, p in fidelity.items()

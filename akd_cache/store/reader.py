@@ -110,10 +110,13 @@ class TeacherCache:
         which reports damage itself."""
         self.group, meta = integrity.open_cache(location)
         if not meta.complete and not allow_incomplete:
-            done = int(self.group["shard_done"][:].sum())
+            try:
+                done = f"{int(self.group['shard_done'][:].sum())} of {meta.n_shards} shards"
+            except (KeyError, *integrity.DECODE_ERRORS, *fmt.METADATA_ERRORS):
+                done = f"{meta.n_shards} shards, its shard_done flags unreadable"
             raise CacheError(
-                f"{location}: incomplete cache ({done} of {meta.n_shards} shards); resume "
-                "the cache stage, or pass allow_incomplete=True"
+                f"{location}: incomplete cache ({done}); resume the cache stage, or pass "
+                "allow_incomplete=True"
             )
         if check_files:
             damage = integrity.find_damage(self.group, location, meta, full=False)

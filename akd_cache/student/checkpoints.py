@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from akd_cache.run_settings import discard_if_changed
+from akd_cache.run_settings import METRICS_FILE, MODEL_DIR, discard_if_changed
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 RUN_SETTINGS_FILE = "run_settings.json"  # the settings a run's checkpoints and log were made with
@@ -38,14 +38,15 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 def discard_changed_run(args: TrainingArguments, out: Path, settings: dict, checkpoints: Path
                         ) -> None:
-    """Drop the checkpoints and log of a run made under settings that change its result, so
-    they are never resumed (and say so, naming the settings that changed). Under torchrun every
+    """Drop the checkpoints, log and final outputs of a run made under settings that change its
+    result, so they are never resumed or taken for the new run's (and say so, naming the
+    settings that changed). Under torchrun every
     rank gets here: the main process removes them before any rank looks for a checkpoint or
     builds its Trainer (which makes the output folder)."""
     with args.main_process_first(local=False, desc="discarding a run of other settings"):
         if args.process_index == 0:
-            discard_if_changed(out, RUN_SETTINGS_FILE, settings, [checkpoints, out / "log.jsonl"],
-                               RESUME_NEUTRAL_SETTINGS)
+            stale = [checkpoints, out / "log.jsonl", out / MODEL_DIR, out / METRICS_FILE]
+            discard_if_changed(out, RUN_SETTINGS_FILE, settings, stale, RESUME_NEUTRAL_SETTINGS)
 
 
 def checkpoint_folder(root: Path, step: int) -> Path:

@@ -24,6 +24,7 @@ from akd_cache.config import MiniLLM, ModelRef, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.templates import render_prompt
 from akd_cache.errors import ConfigError
+from akd_cache.run_settings import MODEL_DIR
 from akd_cache.store.key import tokenizer_fingerprint
 from akd_cache.student.checkpoints import discard_changed_run
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
@@ -94,9 +95,9 @@ def train_minillm(
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
-    student.save_pretrained(out / "model")
+    student.save_pretrained(out / MODEL_DIR)
     # as loaded: TRL may have given the instance a pad token
-    AutoTokenizer.from_pretrained(student_path).save_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(student_path).save_pretrained(out / MODEL_DIR)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
     tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
     return {

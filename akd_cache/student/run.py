@@ -17,6 +17,7 @@ from akd_cache.config import (
     TrainConfig,
 )
 from akd_cache.errors import CacheError, ConfigError
+from akd_cache.run_settings import MODEL_DIR
 from akd_cache.store.reader import TeacherCache, collate, share_with_workers
 from akd_cache.student.akd import BetaController
 from akd_cache.student.cache_data import cache_dataset
@@ -135,8 +136,8 @@ def train_experiment(
     # under torchrun every rank gets here; one writes, once all have finished with the checkpoints
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        student.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        student.save_pretrained(out / MODEL_DIR)
+        tokenizer.save_pretrained(out / MODEL_DIR)
         discard_checkpoints(checkpoints)  # the saved model supersedes them
     trainer.accelerator.wait_for_everyone()
     history = [e for e in trainer.state.log_history if "fkl" in e]
