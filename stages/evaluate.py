@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_model(Path(model_dir), out, profile.eval, revision)
     write_json(out / METRICS_FILE, {"model": args.model, "kind": kind, "method": method,
-                                      **result})
+                                     **result})
     scores = ", ".join(f"{name} {d['base_pass_at_1']:.3f}/{d['plus_pass_at_1']:.3f}"
                        for name, d in result["datasets"].items())
     print(f"evaluate {args.model}: pass@1 base/plus {scores}")

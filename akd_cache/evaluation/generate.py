@@ -88,12 +88,12 @@ def _existing(out_path: Path, n_samples: int, problems: dict[str, Problem],
     if not out_path.exists():
         return set()
     rows = _sample_rows(out_path)
-    changed = sorted({row["task_id"] for row in rows if row["task_id"] in digests
-                      and row["prompt_sha256"] != digests[row["task_id"]]})
+    changed = {row["task_id"] for row in rows if row["task_id"] in digests
+               and row["prompt_sha256"] != digests[row["task_id"]]}
     if changed:
         log.warning("%s: %d task(s) were generated from another prompt than today's (the eval "
                     "data changed): %s; their samples are generated again", out_path,
-                    len(changed), ", ".join(changed))
+                    len(changed), ", ".join(sorted(changed)))
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_task[row["task_id"]].append(row)

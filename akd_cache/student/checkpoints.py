@@ -40,9 +40,9 @@ def discard_changed_run(args: TrainingArguments, out: Path, settings: dict, chec
                         ) -> None:
     """Drop the checkpoints, log and final outputs of a run made under settings that change its
     result, so they are never resumed or taken for the new run's (and say so, naming the
-    settings that changed). Under torchrun every
-    rank gets here: the main process removes them before any rank looks for a checkpoint or
-    builds its Trainer (which makes the output folder)."""
+    settings that changed). Under torchrun every rank gets here: the main process removes them
+    before any rank looks for a checkpoint or builds its Trainer (which makes the output
+    folder)."""
     with args.main_process_first(local=False, desc="discarding a run of other settings"):
         if args.process_index == 0:
             stale = [checkpoints, out / "log.jsonl", out / MODEL_DIR, out / METRICS_FILE]
