@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
@@ -423,20 +422,6 @@ def test_key_of_fixed_ingredients_is_stable():
     }
     canonical = json.dumps(spelled, sort_keys=True).encode()
     assert ingredients.key() == hashlib.sha256(canonical).hexdigest()[:20]
-
-
-def test_store_imports_no_higher_package():
-    """store/ is the bottom layer: importing all of it loads nothing from above it."""
-    modules = sorted(p.stem for p in Path(fmt.__file__).parent.glob("*.py") if p.stem != "__init__")
-    code = (f"import sys\nfor m in {modules!r}: __import__('akd_cache.store.' + m)\n"
-            "print(sorted(m for m in sys.modules if m.startswith('akd_cache.')))")
-    repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
-                         check=True).stdout
-    loaded = ast.literal_eval(out)
-    assert "akd_cache.store.reader" in loaded
-    higher = ("teacher", "student", "evaluation", "data", "models", "config")
-    assert not [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in higher], loaded
 
 
 def test_meta_is_the_one_schema_of_the_attributes(setup, reference_cache, tmp_path):
