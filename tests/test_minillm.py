@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from tiny_models import build_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 from akd_cache.config import MiniLLM, ModelRef, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_example
-from akd_cache.student.minillm import train_minillm
+from akd_cache.student.minillm import tokens_at, train_minillm
 
 TEMPLATE = "alpaca_original"
 N_TRAIN = 32
@@ -63,3 +64,16 @@ def test_minillm_lowers_heldout_rkl(tiny_models, codealpaca_rows, tmp_path):
     assert AutoTokenizer.from_pretrained(out / "model").get_vocab() == tokenizer.get_vocab()
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in logged if "loss" in e] == list(range(1, TRAIN.max_steps + 1))
+    # a fresh run: this call's tokens are all TRL counted (prompt + sampled, every process)
+    assert metrics["tokens"] == [e["num_tokens"] for e in logged if "num_tokens" in e][-1] > 0
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["tokens"] / metrics["wall_s"])
+
+
+def test_a_resumed_run_counts_only_the_tokens_after_its_checkpoint(tmp_path):
+    """What a checkpoint's trainer_state.json says TRL had counted is what a resume subtracts."""
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    TrainerState(global_step=4, num_input_tokens_seen=1234).save_to_json(
+        str(checkpoint / "trainer_state.json"))
+    assert tokens_at(str(checkpoint)) == 1234
+    assert tokens_at(None) == 0

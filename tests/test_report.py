@@ -16,11 +16,14 @@ from matplotlib.image import imread
 
 import stages.report
 from akd_cache.config import Params
+from akd_cache.evaluation.run import taxonomy_json
+from akd_cache.evaluation.taxonomy import TaxonomySummary
 from akd_cache.report import plots as report_plots
 from akd_cache.report import runs as report_runs
 from akd_cache.report.markdown import NOT_RUN
 from akd_cache.report.plots import PLOT_FILES, series
 from akd_cache.report.rows import Row, fixed_beta_rows, main_rows
+from akd_cache.report.tables import dataset_taxonomy_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 5_000  # an empty 7x4 inch canvas at 120 dpi is smaller than any real plot
@@ -66,6 +69,7 @@ EXPERIMENTS = {
     "beta_02": {"method": "fixed_beta", "beta": 0.2},
     "beta_04": {"method": "fixed_beta", "beta": 0.4},  # never run
     "kd_online": {"method": "kd", "online": True},  # trained and measured, not evaluated
+    "kd_renorm": {"method": "kd", "tail_mode": "renormalize"},  # kd_online's second twin
 }
 # Held-out fidelity (mean, ci_low, ci_high) of exact FKL / RKL; the parity row's gap is by hand:
 # kd's FKL (2.2 - 2.0) / 2.0 = +10.0%, its RKL (3.0 - 4.0) / 4.0 = -25.0%.
@@ -73,6 +77,7 @@ FIDELITY = {
     "student": {"fkl": (16.7, 16.0, 17.3), "rkl": (9.0, 8.5, 9.5)},  # asymmetric, as bootstraps are
     "kd": {"fkl": (2.2, 2.0, 2.4), "rkl": (3.0, 2.7, 3.3)},
     "kd_online": {"fkl": (2.0, 1.8, 2.2), "rkl": (4.0, 3.6, 4.4)},
+    "kd_renorm": {"fkl": (2.5, 2.3, 2.7), "rkl": (5.0, 4.5, 5.5)},
 }
 TAXONOMY_HUMANEVAL = {
     "teacher": {"total": 164, "correct": 48, "complete": 150, "incomplete": 14,
@@ -94,6 +99,7 @@ def params_doc() -> dict:
             "data": {"dataset": "data.json"},
             "teacher": {"model": "teacher-7b"},
             "student": {"model": "student-1b"},
+            "train": {"tail_mode": "uniform"},  # not the default, so the tables must read it
         }},
         "experiments": EXPERIMENTS,
     }
@@ -141,6 +147,7 @@ def write_runs(root: Path, models: list[str], with_extras: bool = True) -> None:
     for i, name in enumerate(TRAINED):
         write_json(runs / "train" / name / "metrics.json", {
             "experiment": name, "method": EXPERIMENTS[name]["method"], "cache_key": "abc123",
+            "teacher": "cache",
             "train_loss": 1.5, "final_fkl": 1.0, "final_rkl": 2.0, "final_beta": 0.2,
             "steps": 5, "wall_s": 100.0 + i, "tokens_per_s": 31.25, "peak_memory_mb": 1628.8,
         })
@@ -241,7 +248,7 @@ def test_resources_and_templates(full):
     parts = sections(markdown)
     resources = table(parts["Table 7"])
     assert [k.strip("`") for k in resources if k != "run"] == TRAINED
-    assert resources["`akd`"] == ["akd", "5", "1,629", "103", "31.2"]
+    assert resources["`akd`"] == ["akd", "cache", "5", "1,629", "103", "31.2"]
     templates = table(parts["Table 9"])
     assert templates["`alpaca`"] == ["0.8123", "0.9877", "171 / 200", "189 / 200"]
     assert templates["`starcoder`"] == ["0.6123", "1.5000", "10 / 200", "0 / 200"]
@@ -266,6 +273,16 @@ def test_taxonomy(full):
     assert rows["TypeError"] == ["0", "44"]
     order = [k for k in rows if k.endswith("Error")]
     assert order == ["AssertionError", "NameError", "SyntaxError", "TypeError"]  # paper's order
+
+
+def test_no_complete_solution_is_no_pass_rate_rather_than_0_percent():
+    """0 correct of 0 complete, as evaluate writes it (JSON null), prints "-" like a missing
+    accuracy loss, so it cannot read as a measured 0 %."""
+    summary = json.loads(json.dumps(taxonomy_json(TaxonomySummary(total=3, correct=0,
+                                                                   complete=0))))
+    assert summary["pass_rate_complete"] is None
+    rows = table(dataset_taxonomy_table(["akd"], [summary]))
+    assert rows["complete"] == ["0"] and rows["pass rate among complete (%)"] == ["-"]
 
 
 def test_plots_are_pngs(full):
@@ -327,7 +344,7 @@ def test_line_plots_draw_each_runs_logged_steps(figures):
 
 def test_fidelity_plot_bars_are_the_means_with_their_intervals(figures):
     fig = figures["fidelity"]
-    models = ["student", "kd", "kd_online"]
+    models = ["student", "kd", "kd_online", "kd_renorm"]
     assert tick_labels(fig) == models
     heights = bars(fig)
     for key in ("fkl", "rkl"):
@@ -423,15 +440,20 @@ def test_fidelity_comes_first_with_intervals(full):
     rows = table(sections(markdown)["Fidelity on the held-out split"])
     assert rows["`student`"][:4] == ["untrained", "-", "16.700 [16.000, 17.300]",
                                      "9.000 [8.500, 9.500]"]
-    assert rows["`kd`"][:2] == ["kd", "cache (profile)"]
+    assert rows["`kd`"][:2] == ["kd", "cache (uniform)"]  # the profile's tail mode
+    assert rows["`kd_renorm`"][:2] == ["kd", "cache (renormalize)"]
     assert rows["`kd_online`"][:2] == ["kd", "online"]
 
 
 def test_parity_pairs_each_online_run_with_its_cache_twin(full):
     _, markdown, _ = full
     rows = table(sections(markdown)["Parity"])
-    assert rows["`kd` vs `kd_online`"] == ["kd", "2.200", "2.000", "+10.0%", "3.000", "4.000",
-                                           "-25.0%", "0.200 / -"]
+    assert rows["`kd` vs `kd_online`"] == ["kd", "cache (uniform)", "2.200", "2.000", "+10.0%",
+                                           "3.000", "4.000", "-25.0%", "0.200 / -"]
+    # the second twin has its own row: (2.5 - 2.0) / 2.0 = +25.0%, (5.0 - 4.0) / 4.0 = +25.0%
+    assert rows["`kd_renorm` vs `kd_online`"] == [
+        "kd", "cache (renormalize)", "2.500", "2.000", "+25.0%", "5.000", "4.000", "+25.0%",
+        "- / -"]
 
 
 def test_table_12_takes_cache_runs_only():

@@ -165,6 +165,8 @@ def test_summary_and_pass_rate_among_complete_solutions():
     summary, _ = classify(mix, FAST, workers=2)
     assert (summary.total, summary.correct, summary.complete, summary.incomplete) == (7, 3, 5, 2)
     assert summary.pass_rate_complete == pytest.approx(3 / 5)
+    none_complete, _ = classify(mix[-1:], FAST, workers=1)
+    assert (none_complete.complete, none_complete.pass_rate_complete) == (0, None)  # no 0 %
     assert summary.categories == {"AssertionError": 2, "SyntaxError": 1, "NameError": 1}
     assert summary.subcategories == {
         ("AssertionError", EMPTY_FUNCTION): 1,

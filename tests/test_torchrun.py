@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from akd_cache.config import AKD, CacheConfig, DataConfig, TeacherConfig, TrainConfig
 from akd_cache.data.instructions import Example
 from akd_cache.data.tokenize import tokenize_split
+from akd_cache.store.reader import TeacherCache
 from akd_cache.store.writer import fill
 from akd_cache.student.run import train_experiment
 from akd_cache.teacher.build import make_ingredients
@@ -74,7 +75,7 @@ def runs(tiny_models, codealpaca_rows, tmp_path_factory):
     train = TrainConfig(batch_size=PER_RANK_BATCH * RANKS, max_steps=STEPS, save_steps=2,
                         lr=1e-3, chunk_size=37)
     metrics = train_experiment(cache, student, AKD(beta=0.1), train, single, "akd")
-    return {"ddp": ddp, "single": single, "single_metrics": metrics}
+    return {"ddp": ddp, "single": single, "single_metrics": metrics, "cache": cache}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -110,6 +111,17 @@ def test_torchrun_equals_one_process_with_the_same_global_batch(runs):
             assert diff[keys].max() <= 2 * LR * STEPS
             diff[keys] = 0
         assert diff.max() < WEIGHT_ATOL, name
+
+
+def test_torchrun_throughput_counts_every_rank(runs):
+    """Both runs train on the same global batches, so they count the same loss positions,
+    whichever process held them; and STEPS x the global batch is more than the cache's samples
+    (the ones that fit max_length), so every cached row was counted at least once."""
+    straight = json.loads((runs["ddp"] / "straight.json").read_text())
+    cache = TeacherCache(runs["cache"]).meta
+    assert STEPS * PER_RANK_BATCH * RANKS >= cache.n_samples
+    assert straight["tokens"] == runs["single_metrics"]["tokens"] >= cache.n_rows
+    assert straight["tokens_per_s"] == pytest.approx(straight["tokens"] / straight["wall_s"])
 
 
 def test_torchrun_resume_continues_from_the_checkpoint(runs):

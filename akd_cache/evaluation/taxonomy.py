@@ -113,9 +113,10 @@ class TaxonomySummary:
         return self.total - self.complete
 
     @property
-    def pass_rate_complete(self) -> float:
-        """Correct among complete solutions (0 when none is complete)."""
-        return self.correct / self.complete if self.complete else 0.0
+    def pass_rate_complete(self) -> float | None:
+        """Correct among complete solutions; None when none is complete (0 of 0 is no rate, and
+        must not read as a measured 0 %)."""
+        return self.correct / self.complete if self.complete else None
 
 
 @cache

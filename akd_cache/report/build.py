@@ -74,8 +74,12 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section(
         "Table 7: resources",
-        "Paper Table 7: training resources per run (the paper ran the teacher online in the "
-        "same process; here the student trains alone against the teacher cache).",
+        "Paper Table 7: training resources per run. The paper ran the teacher online, in the "
+        "same process; a `cache` run trains the student alone against the teacher cache, an "
+        "`online` one holds the teacher beside it (as does MiniLLM). Peak memory is the "
+        "busiest process's (GPU memory on a GPU, else RSS); wall time and tokens/s cover the "
+        "last `akd train` call. tokens/s counts the loss positions (response tokens) of every "
+        "process, and for MiniLLM the prompt and sampled tokens TRL counts.",
         resources_table,
     ),
     Section(

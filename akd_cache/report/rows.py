@@ -28,20 +28,23 @@ def is_online(experiment: Experiment) -> bool:
     return bool(getattr(experiment, "online", False))
 
 
-def teacher_source(experiment: Experiment) -> str:
+def teacher_source(params: Params, experiment: Experiment) -> str:
+    """`online`, or `cache (<tail mode>)` with the mode the run trained with (its own, else the
+    profile's)."""
     if isinstance(experiment, DistillationExperiment):
-        return "online" if experiment.online else f"cache ({experiment.tail_mode or 'profile'})"
+        if experiment.online:
+            return "online"
+        return f"cache ({experiment.tail_mode or params.active.train.tail_mode})"
     return "-"
 
 
-def cache_twin(experiments: dict[str, Experiment], online_name: str) -> str | None:
-    """The cache run of the same experiment as an online one: every setting equal but `online`
-    (and the tail mode, which only a cache run has)."""
+def cache_twins(experiments: dict[str, Experiment], online_name: str) -> list[str]:
+    """The cache runs of the same experiment as an online one, in params order: every setting
+    equal but `online` (and the tail mode, which only a cache run has, so one online run may
+    have a twin per tail mode)."""
     target = experiments[online_name].model_dump(exclude={"online", "tail_mode"})
-    for name, exp in experiments.items():
-        if not is_online(exp) and exp.model_dump(exclude={"online", "tail_mode"}) == target:
-            return name
-    return None
+    return [name for name, exp in experiments.items()
+            if not is_online(exp) and exp.model_dump(exclude={"online", "tail_mode"}) == target]
 
 
 def find_experiment(

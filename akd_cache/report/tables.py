@@ -25,7 +25,7 @@ from akd_cache.report.rows import (
     TEACHER,
     Row,
     ablation_rows,
-    cache_twin,
+    cache_twins,
     fixed_beta_rows,
     is_online,
     lora_rows,
@@ -89,7 +89,7 @@ def fidelity_table(params: Params, data: RunData) -> str | None:
         exp = params.experiments.get(name)
         metrics = data.fidelity[name]["metrics"]
         body.append([
-            f"`{name}`", exp.method if exp else "untrained", teacher_source(exp) if exp else "-",
+            f"`{name}`", exp.method if exp else "untrained", teacher_source(params, exp) if exp else "-",
             *(interval(metrics.get(key)) for key, _ in columns),
         ])
     return md_table(header, body)
@@ -100,14 +100,17 @@ def relative_gap(cache: float, online: float) -> str:
 
 
 def parity_table(params: Params, data: RunData) -> str | None:
-    """Each online run beside its cache twin: held-out exact FKL / RKL and the relative gap of
-    the cache run to the online one (the paper's setting, and the limit a cache can reach)."""
+    """Each online run beside each of its cache twins: held-out exact FKL / RKL and the relative
+    gap of the cache run to the online one (the paper's setting, and the limit a cache can
+    reach)."""
     body = []
-    for online in (n for n, e in params.experiments.items() if is_online(e)):
-        cache = cache_twin(params.experiments, online)
-        if cache is None or cache not in data.fidelity or online not in data.fidelity:
+    pairs = [(cache, online) for online, e in params.experiments.items() if is_online(e)
+             for cache in cache_twins(params.experiments, online)]
+    for cache, online in pairs:
+        if cache not in data.fidelity or online not in data.fidelity:
             continue
-        row = [f"`{cache}` vs `{online}`", params.experiments[online].method]
+        row = [f"`{cache}` vs `{online}`", params.experiments[online].method,
+               teacher_source(params, params.experiments[cache])]
         for key in ("fkl", "rkl"):
             c = data.fidelity[cache]["metrics"].get(key)
             o = data.fidelity[online]["metrics"].get(key)
@@ -120,7 +123,8 @@ def parity_table(params: Params, data: RunData) -> str | None:
         body.append(row)
     if not body:
         return None
-    header = ["cache vs online", "method", "FKL cache", "FKL online", "FKL gap", "RKL cache",
+    header = ["cache vs online", "method", "cache run's teacher", "FKL cache", "FKL online",
+              "FKL gap", "RKL cache",
               "RKL online", "RKL gap", "final beta cache / online"]
     return md_table(header, body)
 
@@ -199,16 +203,17 @@ def main_summary(params: Params, data: RunData) -> dict[str, dict[str, float]]:
 
 
 def resources_table(params: Params, data: RunData) -> str | None:
-    """Table 7: what each trained run cost, the student alone against the cache."""
+    """Table 7: what each trained run cost, and whether the teacher was in memory for it."""
     names = [n for n in model_order(params, data.train) if n not in (TEACHER, STUDENT)]
     if not names:
         return None
-    header = ["run", "method", "steps", "peak memory MB", "wall s", "tokens/s"]
+    header = ["run", "method", "teacher", "steps", "peak memory MB", "wall s", "tokens/s"]
     body = []
     for name in names:
         m = data.train[name]
         body.append([
-            f"`{name}`", str(m.get("method", MISSING)), str(m.get("steps", MISSING)),
+            f"`{name}`", str(m.get("method", MISSING)), str(m.get("teacher") or MISSING),
+            str(m.get("steps", MISSING)),
             number(m.get("peak_memory_mb"), ",.0f"), number(m.get("wall_s"), ",.0f"),
             number(m.get("tokens_per_s"), ",.1f"),
         ])

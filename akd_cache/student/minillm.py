@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
@@ -28,7 +29,7 @@ from akd_cache.run_settings import MODEL_DIR
 from akd_cache.store.key import tokenizer_fingerprint
 from akd_cache.student.checkpoints import discard_changed_run
 from akd_cache.student.setup import load_student, load_teacher, training_arguments
-from akd_cache.student.trainer import peak_memory_mb
+from akd_cache.student.trainer import run_peak_memory_mb
 from akd_cache.teacher.generate import prompts_sha256
 
 
@@ -65,6 +66,15 @@ class JsonlLog(TrainerCallback):
                         + "\n")
 
 
+def tokens_at(checkpoint: str | None) -> int:
+    """Tokens TRL had counted (prompt + sampled, every process) when `checkpoint` was saved,
+    so a resumed run's throughput counts only the tokens of this call, as the other runs do."""
+    if checkpoint is None:
+        return 0
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    return state.num_input_tokens_seen
+
+
 def train_minillm(
     student_path: str, teacher: ModelRef, examples: Sequence[Example], template: str,
     experiment: MiniLLM, train: TrainConfig, out: Path, name: str,
@@ -92,14 +102,16 @@ def train_minillm(
         callbacks=[JsonlLog(out / "log.jsonl")],
     )
     checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    tokens_before = tokens_at(checkpoint)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    peak = run_peak_memory_mb(trainer.accelerator)
     student.save_pretrained(out / MODEL_DIR)
     # as loaded: TRL may have given the instance a pad token
     AutoTokenizer.from_pretrained(student_path).save_pretrained(out / MODEL_DIR)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
-    tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
     return {
         "experiment": name,
         "method": experiment.method,
@@ -111,6 +123,7 @@ def train_minillm(
         "final_beta": None,
         "steps": trainer.state.global_step,
         "wall_s": wall,
-        "tokens_per_s": tokens[-1] / wall if tokens else None,
-        "peak_memory_mb": peak_memory_mb(),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "peak_memory_mb": peak,
     }

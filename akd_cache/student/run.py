@@ -35,7 +35,7 @@ from akd_cache.student.trainer import (
     DistillTrainer,
     load_beta_state,
     mean_step_loss,
-    peak_memory_mb,
+    run_peak_memory_mb,
 )
 
 DEFAULT_CACHE = CacheConfig()
@@ -140,6 +140,7 @@ def train_experiment(
         tokenizer.save_pretrained(out / MODEL_DIR)
         discard_checkpoints(checkpoints)  # the saved model supersedes them
     trainer.accelerator.wait_for_everyone()
+    peak = run_peak_memory_mb(trainer.accelerator)
     history = [e for e in trainer.state.log_history if "fkl" in e]
     return {
         "experiment": name,
@@ -152,6 +153,7 @@ def train_experiment(
         "final_beta": controller.beta,
         "steps": trainer.state.global_step,
         "wall_s": wall,
+        "tokens": trainer.tokens_seen,
         "tokens_per_s": trainer.tokens_seen / wall,
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": peak,
     }

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
@@ -121,6 +122,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / MIB
 
 
+def run_peak_memory_mb(accelerator: Accelerator) -> float:
+    """The busiest process's peak: under torchrun the ranks' peaks differ, and each device must
+    hold the largest. A collective: every process calls it."""
+    return float(accelerator.reduce(torch.tensor(peak_memory_mb(), device=accelerator.device),
+                                    "max"))
+
+
 class DistillTrainer(Trainer):
     def __init__(self, *args, controller: BetaController, log_path: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -200,7 +208,8 @@ class DistillTrainer(Trainer):
                                 ("student_tail_mass", out.student_tail), ("beta_used", beta)):
                 self._sums[name] = self._sums.get(name, 0.0) + float(value)
             self._count += 1
-            self.tokens_seen += int(out.tokens)
+            # every process's loss positions, so throughput under torchrun is the run's
+            self.tokens_seen += int(self.accelerator.reduce(out.tokens.detach(), "sum"))
         return (out.loss, out) if return_outputs else out.loss
 
     def _step_beta(self, fkl: torch.Tensor, rkl: torch.Tensor) -> None:
