@@ -70,6 +70,7 @@ PEER_CHUNK = 1024  # the Liger losses' default chunk size
 JSD_BETA = 0.5  # TRL GKD's default
 FLOOR_CHUNK = 1024
 FLOOR = "floor"
+WARM_SIDE = 256  # the matrices that make cuBLAS allocate its workspace before a measurement
 
 
 def load_by_path(site: str, module: str) -> types.ModuleType:
@@ -105,7 +106,7 @@ def axolotl_topk(site: str) -> Callable:
         logits = (x["hidden"] @ x["weight"].T).view(*shape, -1)
         renormalised = x["top_lp"] - x["top_lp"].logsumexp(-1, keepdim=True)
         return loss(logits, x["ids"].view(*shape, -1), renormalised.view(*shape, -1),
-                    torch.ones(*shape, args.k, dtype=torch.bool))
+                    torch.ones(*shape, args.k, dtype=torch.bool, device=logits.device))
 
     return run
 
@@ -122,7 +123,8 @@ def axolotl_liger(site: str) -> Callable:
     def run(x: dict, args: argparse.Namespace) -> torch.Tensor:
         shape = (args.batch, args.seq)
         return fn(x["weight"], x["hidden"].view(*shape, -1), x["ids"].view(*shape, -1),
-                  x["top_lp"].view(*shape, -1), torch.ones(*shape, args.k, dtype=torch.bool),
+                  x["top_lp"].view(*shape, -1),
+                  torch.ones(*shape, args.k, dtype=torch.bool, device=x["hidden"].device),
                   x["labels"])
 
     return run
@@ -138,9 +140,8 @@ def torchtune_fkl(site: str) -> Callable:
         teacher = []
         with torch.no_grad():
             per_tail_id = x["tail"] - math.log(args.vocab - args.k)
-            for rows in torch.arange(len(per_tail_id)).view(args.batch, args.seq).chunk(
-                TORCHTUNE_CHUNKS, dim=1
-            ):
+            rows_all = torch.arange(len(per_tail_id), device=per_tail_id.device)
+            for rows in rows_all.view(args.batch, args.seq).chunk(TORCHTUNE_CHUNKS, dim=1):
                 dense = per_tail_id[rows, None].expand(*rows.shape, args.vocab).clone()
                 teacher.append(dense.scatter_(-1, x["ids"][rows], x["top_lp"][rows]))
         return fn(student, teacher, x["labels"])
@@ -249,12 +250,21 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def warm_matmul_workspace(device: str) -> None:
+    """cuBLAS allocates its workspace at a process's first products (forward and backward) and
+    keeps it; made before the peak is reset, it is counted against no method."""
+    a = torch.randn(WARM_SIDE, WARM_SIDE, device=device, requires_grad=True)
+    (a @ a.T).sum().backward()
+    del a
+
+
 def measure_memory(args: argparse.Namespace) -> None:
     """On the CPU, the rise of the process's peak RSS; on a GPU, of the allocator's peak."""
     run = method(args.child_methods[0], args)
     x = inputs(args)
     gc.collect()
     if args.device.startswith("cuda"):
+        warm_matmul_workspace(args.device)
         synchronize(args.device)
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -291,9 +301,28 @@ def run_child(args: argparse.Namespace, what: str, methods: list[str]) -> dict:
                  "peers_site", "device"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{what} {methods}: {done.stderr.strip().splitlines()[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}, no output"])
+        raise RuntimeError(f"{what} {methods}: {last[-1]}")
+    return json.loads(lines[-1])
+
+
+def timed(args: argparse.Namespace, methods: list[str]) -> dict[str, float]:
+    """All methods interleaved in one process; if that process dies (a method out of device or
+    host memory), each method alone, so one failure costs only its own row's time."""
+    try:
+        return run_child(args, "time", [*methods, FLOOR])
+    except RuntimeError as err:
+        print(f"the interleaved timing failed ({err}); timing each method alone")
+    times = {}
+    for name in [*methods, FLOOR]:
+        try:
+            times.update(run_child(args, "time", [name]))
+        except RuntimeError as err:
+            print(f"no time for {name}: {err}")
+            times[name] = math.nan
+    return times
 
 
 def label(name: str) -> str:
@@ -340,7 +369,7 @@ def main() -> None:
         except RuntimeError as err:
             print(f"skipped {name}: {err}")
             methods.remove(name)
-    times = run_child(args, "time", [*methods, FLOOR])
+    times = timed(args, methods)
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads")
     print(f"{where}, "

@@ -61,7 +61,8 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0,
 
 
 def _hidden(model: PreTrainedModel, batch: Mapping[str, Tensor]) -> Tensor:
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False)
     return out.last_hidden_state[batch["loss_mask"]]
 
 

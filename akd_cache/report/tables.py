@@ -89,7 +89,8 @@ def fidelity_table(params: Params, data: RunData) -> str | None:
         exp = params.experiments.get(name)
         metrics = data.fidelity[name]["metrics"]
         body.append([
-            f"`{name}`", exp.method if exp else "untrained", teacher_source(params, exp) if exp else "-",
+            f"`{name}`", exp.method if exp else "untrained",
+            teacher_source(params, exp) if exp else "-",
             *(interval(metrics.get(key)) for key, _ in columns),
         ])
     return md_table(header, body)

@@ -99,7 +99,10 @@ class DistillationModule(torch.nn.Module):
         tail_code: torch.Tensor | None = None,
     ) -> LossOutput:
         lm = self._causal_lm()
-        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: one forward per batch, and transformers would otherwise build a
+        # key/value cache for it that nothing reads (in training mode too)
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state
         if self.teacher is None:
             basis = (None if self.tail_code_basis is None
                      else (self.tail_code_basis, self.tail_code_bias))
@@ -108,7 +111,7 @@ class DistillationModule(torch.nn.Module):
         else:
             with torch.no_grad():
                 teacher_hidden = self.teacher.base_model(
-                    input_ids=input_ids, attention_mask=attention_mask
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 ).last_hidden_state
             teacher = LiveTeacher(teacher_hidden, self.teacher.get_output_embeddings())
         return distillation_loss(hidden, lm.get_output_embeddings(), teacher, loss_mask, labels,

@@ -131,8 +131,8 @@ class HFTeacher:
         for b, s in enumerate(samples):
             ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
             mask[b, : len(s.input_ids)] = 1
-        hidden = self.model.base_model(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+        hidden = self.model.base_model(  # one forward: no key/value cache to build
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
         ).last_hidden_state
         row_hidden = torch.cat(
             [hidden[b, s.prompt_len - 1 : len(s.input_ids) - 1] for b, s in enumerate(samples)]
