@@ -15,14 +15,14 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 import stages.report
-from akd_cache.config import Params
+from akd_cache.config import MiniLLM, Params
 from akd_cache.evaluation.run import taxonomy_json
 from akd_cache.evaluation.taxonomy import TaxonomySummary
 from akd_cache.report import plots as report_plots
 from akd_cache.report import runs as report_runs
 from akd_cache.report.markdown import NOT_RUN
 from akd_cache.report.plots import PLOT_FILES, series
-from akd_cache.report.rows import Row, fixed_beta_rows, main_rows
+from akd_cache.report.rows import Row, fixed_beta_rows, main_rows, teacher_source
 from akd_cache.report.tables import dataset_taxonomy_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -147,7 +147,6 @@ def write_runs(root: Path, models: list[str], with_extras: bool = True) -> None:
     for i, name in enumerate(TRAINED):
         write_json(runs / "train" / name / "metrics.json", {
             "experiment": name, "method": EXPERIMENTS[name]["method"], "cache_key": "abc123",
-            "teacher": "cache",
             "train_loss": 1.5, "final_fkl": 1.0, "final_rkl": 2.0, "final_beta": 0.2,
             "steps": 5, "wall_s": 100.0 + i, "tokens_per_s": 31.25, "peak_memory_mb": 1628.8,
         })
@@ -248,7 +247,8 @@ def test_resources_and_templates(full):
     parts = sections(markdown)
     resources = table(parts["Table 7"])
     assert [k.strip("`") for k in resources if k != "run"] == TRAINED
-    assert resources["`akd`"] == ["akd", "cache", "5", "1,629", "103", "31.2"]
+    assert resources["`akd`"] == ["akd", "cache (uniform)", "5", "1,629", "103", "31.2"]
+    assert resources["`sft`"][:2] == ["sft", "-"]  # no teacher at all
     templates = table(parts["Table 9"])
     assert templates["`alpaca`"] == ["0.8123", "0.9877", "171 / 200", "189 / 200"]
     assert templates["`starcoder`"] == ["0.6123", "1.5000", "10 / 200", "0 / 200"]
@@ -443,6 +443,17 @@ def test_fidelity_comes_first_with_intervals(full):
     assert rows["`kd`"][:2] == ["kd", "cache (uniform)"]  # the profile's tail mode
     assert rows["`kd_renorm`"][:2] == ["kd", "cache (renormalize)"]
     assert rows["`kd_online`"][:2] == ["kd", "online"]
+
+
+def test_what_each_run_trained_against():
+    """MiniLLM holds the live teacher like an online run; SFT and the untrained student have
+    none; a cache run names its own tail mode, else the profile's."""
+    params = Params.model_validate(params_doc())
+    assert [teacher_source(params, e) for e in (
+        MiniLLM(), params.experiments["kd_online"],
+        params.experiments["sft"], None, params.experiments["kd"],
+        params.experiments["kd_renorm"],
+    )] == ["online", "online", "-", "-", "cache (uniform)", "cache (renormalize)"]
 
 
 def test_parity_pairs_each_online_run_with_its_cache_twin(full):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from akd_cache.config import DistillationExperiment, Experiment, Params
+from akd_cache.config import DistillationExperiment, Experiment, MiniLLM, Params
 
 TEACHER = "teacher"
 STUDENT = "student"
@@ -28,9 +28,12 @@ def is_online(experiment: Experiment) -> bool:
     return bool(getattr(experiment, "online", False))
 
 
-def teacher_source(params: Params, experiment: Experiment) -> str:
-    """`online`, or `cache (<tail mode>)` with the mode the run trained with (its own, else the
-    profile's)."""
+def teacher_source(params: Params, experiment: Experiment | None) -> str:
+    """What the run trained against: `online` (the live teacher in memory: an online
+    distillation run, or MiniLLM), `cache (<tail mode>)` with the mode it trained with (its own,
+    else the profile's), or `-` (no teacher: SFT, SeqKD, the untrained student)."""
+    if isinstance(experiment, MiniLLM):
+        return "online"
     if isinstance(experiment, DistillationExperiment):
         if experiment.online:
             return "online"

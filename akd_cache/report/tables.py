@@ -89,8 +89,7 @@ def fidelity_table(params: Params, data: RunData) -> str | None:
         exp = params.experiments.get(name)
         metrics = data.fidelity[name]["metrics"]
         body.append([
-            f"`{name}`", exp.method if exp else "untrained",
-            teacher_source(params, exp) if exp else "-",
+            f"`{name}`", exp.method if exp else "untrained", teacher_source(params, exp),
             *(interval(metrics.get(key)) for key, _ in columns),
         ])
     return md_table(header, body)
@@ -125,8 +124,7 @@ def parity_table(params: Params, data: RunData) -> str | None:
     if not body:
         return None
     header = ["cache vs online", "method", "cache run's teacher", "FKL cache", "FKL online",
-              "FKL gap", "RKL cache",
-              "RKL online", "RKL gap", "final beta cache / online"]
+              "FKL gap", "RKL cache", "RKL online", "RKL gap", "final beta cache / online"]
     return md_table(header, body)
 
 
@@ -213,8 +211,8 @@ def resources_table(params: Params, data: RunData) -> str | None:
     for name in names:
         m = data.train[name]
         body.append([
-            f"`{name}`", str(m.get("method", MISSING)), str(m.get("teacher") or MISSING),
-            str(m.get("steps", MISSING)),
+            f"`{name}`", str(m.get("method", MISSING)),
+            teacher_source(params, params.experiments.get(name)), str(m.get("steps", MISSING)),
             number(m.get("peak_memory_mb"), ",.0f"), number(m.get("wall_s"), ",.0f"),
             number(m.get("tokens_per_s"), ",.1f"),
         ])
