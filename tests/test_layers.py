@@ -31,14 +31,19 @@ def _unit(path: Path) -> str:
 
 
 def _imported(tree: ast.Module) -> list[tuple[int, str]]:
-    """Every absolute module name a file imports, at any depth (function-level imports too)."""
+    """Every absolute module name a file imports, at any depth (function-level imports too).
+    `from akd_cache import jsonl` imports the module `akd_cache.jsonl`; a name that is no layer
+    (`__version__`) comes from the package's own `__init__`, which imports nothing."""
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "akd_cache":
+            names += [(node.lineno, f"akd_cache.{alias.name}" if alias.name in LAYERS
+                       else "akd_cache") for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append((node.lineno, node.module))
-    return names
+    return sorted(names)  # in file order: ast.walk reaches nested imports last
 
 
 def _violations() -> list[str]:
@@ -74,7 +79,8 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     (fake / "store" / "reader.py").write_text(
         "from akd_cache.errors import CacheError\n"
         "from akd_cache.student.trainer import train\n"
-        "def f():\n    import stages.train\n")
+        "def f():\n    import stages.train\n"
+        "from akd_cache import __version__, jsonl, student\n")
     (fake / "newthing.py").write_text("import os\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     found = _violations()
@@ -83,4 +89,6 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
         (f"{fake / 'store' / 'reader.py'}:2: store (layer 1) imports "
          "akd_cache.student.trainer (layer 5)"),
         f"{fake / 'store' / 'reader.py'}:4: imports stages.train",
+        (f"{fake / 'store' / 'reader.py'}:5: store (layer 1) imports "
+         "akd_cache.student (layer 5)"),
     ]
